@@ -1,0 +1,5 @@
+import sys
+
+from kosmos.cli import main
+
+sys.exit(main())
