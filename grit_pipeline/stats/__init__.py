@@ -16,7 +16,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "output_dir", metavar="OUTPUT_DIR", help="a grit build output folder, or parquet file(s) folder"
+        "output_dir",
+        metavar="OUTPUT_DIR",
+        help="a grit build output, a folder of GRIT-20M-style parquet files, or one .parquet file",
     )
     parser.add_argument("--out", metavar="REPORT_DIR", help="where to write the report (default OUTPUT_DIR/report)")
     parser.add_argument("--samples", type=int, default=24, help="gallery size, 0 for none (default %(default)s)")

@@ -43,8 +43,8 @@ class Raw(str):
     """HTML built by this module (already escaped), placed as is in a table cell."""
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+def _table(headers: list[str] | None, rows: list[list[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr>" if headers else ""
     body = []
     for row in rows:
         cells = []
@@ -56,7 +56,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
             else:
                 cells.append(f"<td>{_e(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<table>{head}{''.join(body)}</table>"
 
 
 def _pct(part: float | None, whole: float | None) -> str:
@@ -98,7 +98,7 @@ def _header(fig: dict[str, Any], generated: str) -> str:
         facts.append(["detector", ", ".join(f"{k}={v}" for k, v in src["detector"].items())])
     if isinstance(src.get("spacy_model"), dict):
         facts.append(["spaCy model", ", ".join(f"{k}={v}" for k, v in src["spacy_model"].items())])
-    out = [_table(["", ""], facts)]
+    out = [_table(None, facts)]
     notes = list(src.get("manifest_warnings", [])) + list(fig["warnings"])
     if src["incomplete_shards"]:
         notes.append(
@@ -200,7 +200,7 @@ def _timing_html(timing: dict[str, Any]) -> str:
     return (
         '<div class="charts">'
         + _table(["stage", "seconds", "ms per input pair"], rows)
-        + _table(["", ""], facts)
+        + _table(None, facts)
         + "</div>"
         + chart
     )

@@ -22,8 +22,11 @@ def fmt_number(value: float | None, digits: int = 2) -> str:
     """1234567 -> '1,234,567'; 0.1234 -> '0.12'; None -> '–'."""
     if value is None:
         return "–"
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
-        return f"{int(value):,}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    rounded = round(float(value), digits)
+    if rounded.is_integer() and abs(rounded) >= 1:
+        return f"{int(rounded):,}"
     return f"{value:,.{digits}f}"
 
 
