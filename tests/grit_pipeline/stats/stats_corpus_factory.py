@@ -57,12 +57,11 @@ class CaptionSpec:
 
 def spec_from_phrases(caption: str, phrases: list[tuple[str, str]]) -> CaptionSpec:
     """Spans found by text: each ``(chunk, expression)`` pair, the expression containing the chunk."""
-    out, pos = [], 0
+    out = []
     for chunk, expr in phrases:
-        es = caption.index(expr, 0)
+        es = caption.index(expr)
         cs = caption.index(chunk, es)
         out.append((cs, cs + len(chunk), es, es + len(expr)))
-        pos = max(pos, cs)
     return CaptionSpec(caption, out)
 
 
@@ -285,6 +284,7 @@ def make_corpus(
         "warnings": [],
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    (root / "config.yaml").write_text("detector:\n  box_threshold: 0.35\n", encoding="utf-8")
     return facts
 
 
