@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 
 from grit_pipeline.record import GritRecord
-from kosmos.image_transform import clip_transform
+from kosmos.image_transform import normalize_to_array, resize_and_crop
 from kosmos.sequence import (
     ReservedTokenInText,
     SequenceConfig,
@@ -198,7 +198,7 @@ class SourceStream:
 @dataclass
 class LoaderSample:
     tokens: TokenizedSample
-    pixel_values: Any  # (3, 224, 224) float32 tensor, or None for text-only samples
+    pixel_values: Any  # (3, 224, 224) float32 numpy array, or None for text-only samples
     key: str
     source: str
     state: dict | None = None  # the reader's stream position right after this sample
@@ -211,9 +211,12 @@ def _image_bytes(raw: dict) -> bytes:
     raise SampleError("missing_image", f"{raw.get('__key__')}: no {'/'.join(IMAGE_EXTENSIONS)} member")
 
 
-def _open_image(data: bytes, key: str) -> Image.Image:
+def _open_image(data: bytes, key: str, draft_size: int = 0) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
+        if draft_size and image.format == "JPEG":
+            # Decode at 1/2, 1/4 or 1/8 scale (DCT scaling), never below draft_size on either side.
+            image.draft("RGB", (draft_size, draft_size))
         return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
         raise SampleError("bad_image", f"{key}: {type(exc).__name__}: {exc}") from exc
@@ -277,9 +280,14 @@ def decode_sample(
     max_length: int,
     seed: int,
     counts: Counter,
+    fast_jpeg: bool = False,
 ) -> LoaderSample:
     """Decode, transform and tokenise one raw sample. Raises :class:`SampleError` (or
-    :class:`~kosmos.sequence.ReservedTokenInText`) for a sample to drop; the caller counts and logs it."""
+    :class:`~kosmos.sequence.ReservedTokenInText`) for a sample to drop; the caller counts and logs it.
+
+    ``fast_jpeg`` decodes large JPEGs at a reduced scale still at least the crop size (PIL's ``draft``): several
+    times faster on photos, with pixels slightly different from a full decode followed by the bicubic resize.
+    Boxes follow the decoded size, so they stay aligned either way."""
     key = raw.get("__key__", "?")
     if source.kind == "text":
         try:
@@ -292,7 +300,7 @@ def decode_sample(
         tokens = build_text_sample(tokenizer, text, max_length)
         counts["truncated"] += int(tokens.truncated)
         return LoaderSample(tokens, None, key, source.name)
-    image = _open_image(_image_bytes(raw), key)
+    image = _open_image(_image_bytes(raw), key, cfg.image_size if fast_jpeg else 0)
     if source.kind == "grit":
         rng = random.Random(derive_seed(seed, "sample", source.name, raw.get("__epoch__", 0), key))
         tokens = _grit_tokens(raw, key, image, tokenizer, cfg, rng, counts)
@@ -308,15 +316,24 @@ def decode_sample(
         tokens = build_image_text_sample(tokenizer, caption, None, cfg, counts)
     if len(tokens) > max_length:
         raise SampleError("too_long", f"{key}: {len(tokens)} tokens > max_length {max_length}")
-    return LoaderSample(tokens, clip_transform(image, cfg.image_size), key, source.name)
+    pixels = normalize_to_array(resize_and_crop(image, cfg.image_size))
+    return LoaderSample(tokens, pixels, key, source.name)
 
 
 def decode_or_count(
-    raw: dict, source: SourceConfig, tokenizer, cfg, max_length: int, seed: int, counts: Counter, logged: Counter
+    raw: dict,
+    source: SourceConfig,
+    tokenizer: KosmosTokenizer,
+    cfg: SequenceConfig,
+    max_length: int,
+    seed: int,
+    counts: Counter,
+    logged: Counter,
+    fast_jpeg: bool = False,
 ) -> LoaderSample | None:
     """:func:`decode_sample`, with a dropped sample counted (``dropped_<reason>``), logged and returned as None."""
     try:
-        sample = decode_sample(raw, source, tokenizer, cfg, max_length, seed, counts)
+        sample = decode_sample(raw, source, tokenizer, cfg, max_length, seed, counts, fast_jpeg)
     except SampleError as exc:
         reason, message = exc.reason, str(exc)
     except ReservedTokenInText as exc:

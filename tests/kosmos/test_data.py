@@ -132,6 +132,19 @@ def test_clip_transform_matches_transformers_image_processor():
     assert (clip_transform(image) - theirs).abs().max() < 1e-4
 
 
+def test_fast_jpeg_decode_keeps_boxes_and_nearly_the_pixels(tmp_path, tokenizer):
+    write_shard(tmp_path / "00000.tar", [shapes_sample(f"f{i}", random.Random(i), 640, 480) for i in range(2)])
+    batches = []
+    for fast in (False, True):
+        cfg = DataConfig(sources=[grit_source(tmp_path)], batch_size=2, num_workers=0, fast_jpeg_decode=fast)
+        cfg.sequence.use_grounding_prob = 1.0
+        batches.append(take(make_loader(cfg, tokenizer), 1)[0])
+    full, fast = batches
+    assert fast["keys"] == full["keys"] and torch.equal(fast["input_ids"], full["input_ids"])
+    difference = (fast["pixel_values"] - full["pixel_values"]).abs().mean().item()
+    assert 0 < difference < 0.02  # normalised units (one grey level is about 0.015)
+
+
 def test_img2dataset_grit20m_shards(tmp_path, tokenizer):
     """GRIT-20M downloaded with img2dataset: resized images, a JSON whose width/height are the original's (of another
     aspect here, as if the row were wrong), and the GRIT columns saved as additional columns."""
