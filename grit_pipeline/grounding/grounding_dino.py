@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_TINY_MODEL_ID = "random-tiny-grounding-dino"
+# Stride of the finest feature map Grounding DINO's backbones give (Swin stage 2, ResNet layer 2). The two-stage
+# encoder picks its ``num_queries`` proposals among the feature cells, so an image needs at least that many.
+FINEST_STRIDE = 8
 # Text lengths are padded to a multiple of this (tensor-core friendly); padding tokens are masked in the model.
 TEXT_PAD_MULTIPLE = 8
 
@@ -133,6 +136,7 @@ class GroundingDinoDetector:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.max_text_tokens = min(self.cfg.max_text_tokens, int(model.config.max_text_len))
+        self.min_canvas = FINEST_STRIDE * math.ceil(math.sqrt(int(model.config.num_queries)))
         want = self._half_weights_request
         if want is None:
             want = half_weights_wanted(self.device, self.amp_dtype)
@@ -143,7 +147,8 @@ class GroundingDinoDetector:
         """Cast the weights to the autocast dtype if one probe pass gives finite outputs; else keep fp32."""
         self.model.to(self.amp_dtype)
         self.half_weights = True
-        probe = GroundingInput(image=np.full((64, 96, 3), 127, np.uint8), phrases=["a thing"])
+        side = max(64, self.min_canvas)
+        probe = GroundingInput(image=np.full((side, side, 3), 127, np.uint8), phrases=["a thing"])
         try:
             logits, boxes = self._forward([np.asarray(probe.image)], [self._items(probe, 0)[0][0]])
             ok = bool(torch.isfinite(boxes).all()) and not bool(torch.isnan(logits).any())
@@ -177,17 +182,14 @@ class GroundingDinoDetector:
             if image is None:
                 results[i].error = error
                 continue
-            shape = padded_shape(image.shape[0], image.shape[1], self.pad_multiple)
-            groups[shape].extend(items)
+            groups[self._padded_shape(image)].extend(items)
 
         found: dict[int, list[Candidates]] = defaultdict(list)
         for shape in sorted(groups):
             items = groups[shape]
             for start in range(0, len(items), max(1, self.cfg.batch_size)):
                 chunk = items[start : start + self.cfg.batch_size]
-                logits, boxes = self._forward([images[it.image] for it in chunk], chunk)
-                found_chunk = self._candidates(chunk, logits, boxes)
-                for it, cands in zip(chunk, found_chunk):
+                for it, cands in zip(chunk, self._ground_chunk(images, chunk)):
                     found[it.image].append(cands)
 
         for i, result in enumerate(results):
@@ -249,6 +251,19 @@ class GroundingDinoDetector:
         items.append(_Item(image_index, prompt, list(enc["input_ids"]), index))
         return []
 
+    def _ground_chunk(self, images: list[np.ndarray | None], chunk: list[_Item]) -> list[Candidates]:
+        """Candidates of one forward group; on CUDA out-of-memory, the group is halved and retried."""
+        try:
+            scores, boxes = self._forward([images[it.image] for it in chunk], chunk)
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            log.warning("out of memory on a forward pass of %d items: retrying in halves", len(chunk))
+            return self._ground_chunk(images, chunk[:half]) + self._ground_chunk(images, chunk[half:])
+        return self._candidates(chunk, scores, boxes)
+
     def _forward(self, images: list[np.ndarray], items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
         """Phrase scores (B, Q, P) and boxes (B, Q, 4) of one group of same padded shape, on the CPU."""
         pixel_values, pixel_mask = self._pixels(images)
@@ -269,7 +284,7 @@ class GroundingDinoDetector:
 
     def _pixels(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised, zero-padded (B, 3, H, W) pixels and (B, H, W) mask, built on the device from uint8."""
-        h_pad, w_pad = padded_shape(images[0].shape[0], images[0].shape[1], self.pad_multiple)
+        h_pad, w_pad = self._padded_shape(images[0])
         cuda = self.device.type == "cuda"
         host = torch.zeros((len(images), h_pad, w_pad, 3), dtype=torch.uint8, pin_memory=cuda)
         mask = torch.zeros((len(images), h_pad, w_pad), dtype=torch.long)
@@ -282,6 +297,9 @@ class GroundingDinoDetector:
         mask = mask.to(self.device, non_blocking=cuda)
         pixels = (pixels - self.mean) / self.std * mask[:, None]  # padding is 0 after normalisation
         return pixels.contiguous(), mask
+
+    def _padded_shape(self, image: np.ndarray) -> tuple[int, int]:
+        return padded_shape(image.shape[0], image.shape[1], self.pad_multiple, self.min_canvas)
 
     def _text(self, items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         longest = max(len(it.input_ids) for it in items)

@@ -43,9 +43,14 @@ def target_size(height: int, width: int, short_side: int, long_side_max: int) ->
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
-def padded_shape(height: int, width: int, multiple: int = DEFAULT_PAD_MULTIPLE) -> tuple[int, int]:
+def padded_shape(height: int, width: int, multiple: int = DEFAULT_PAD_MULTIPLE, min_side: int = 0) -> tuple[int, int]:
     """The shape an image is zero-padded to in a batch: a function of the image alone, so that what the backbone
-    sees (its attention windows include the padding) never depends on the other images of the batch."""
+    sees (its attention windows include the padding) never depends on the other images of the batch.
+
+    ``min_side`` pads slivers (a 4000x50 original is 1333x17 at the input size) up to a canvas with enough feature
+    cells for the detector's queries.
+    """
+    height, width = max(height, min_side), max(width, min_side)
     return math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
 
 

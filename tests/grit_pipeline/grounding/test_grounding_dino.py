@@ -158,6 +158,24 @@ def test_image_not_prepared_is_resized_by_the_detector(detector):
     assert bad.error.startswith("bad_image")
 
 
+def test_sliver_image_gets_a_canvas_large_enough_for_the_queries(detector):
+    from transformers import GroundingDinoForObjectDetection
+
+    from grit_pipeline.grounding.tiny import build_processor, tiny_config
+
+    config = tiny_config(vocab_size=1100)
+    config.num_queries = 400  # more proposals than a 3 x 320 px image has feature cells, even padded to 32 x 320
+    torch.manual_seed(0)
+    model = GroundingDinoForObjectDetection(config)
+    det = GroundingDinoDetector.from_model(model, build_processor().tokenizer, detector.cfg, "tiny-400-queries")
+    sliver = prepare_image(noise_image(6, 40, 4000), detector.cfg)
+    assert sliver.shape == (3, 320, 3)
+    assert det._padded_shape(sliver) == (160, 320)
+    (result,) = det([GroundingInput(sliver, ["a long fence"])])
+    assert result.error == ""
+    assert all(d.box[3] - d.box[1] >= detector.cfg.min_box_side for d in result.detections)
+
+
 def test_missing_weights_raise_a_clear_one_line_error(tmp_path):
     empty = tmp_path / "not-a-checkpoint"
     empty.mkdir()
