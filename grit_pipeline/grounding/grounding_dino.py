@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Checkpoint types this detector runs: both share the outputs (query-token logits, boxes) and the prompt format.
+MODEL_TYPES = ("grounding-dino", "mm-grounding-dino")
 RANDOM_TINY_MODEL_ID = "random-tiny-grounding-dino"
 # Stride of the finest feature map Grounding DINO's backbones give (Swin stage 2, ResNet layer 2). The two-stage
 # encoder picks its ``num_queries`` proposals among the feature cells, so an image needs at least that many.
@@ -139,7 +141,7 @@ class GroundingDinoDetector:
         self.min_canvas = FINEST_STRIDE * math.ceil(math.sqrt(int(model.config.num_queries)))
         want = self._half_weights_request
         if want is None:
-            want = half_weights_wanted(self.device, self.amp_dtype)
+            want = half_weights_wanted(self.device, self.amp_dtype, type(getattr(model, "model", model)))
         if want and self.amp_dtype is not None:
             self._try_half_weights()
 
@@ -351,7 +353,7 @@ def _load(name: str) -> tuple[Any, Any, tuple, tuple]:
     except (OSError, ValueError, KeyError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise DetectorUnavailable(f"cannot load detector weights {name!r} ({reason}); {hint}") from exc
-    if getattr(model.config, "model_type", "") != "grounding-dino":
+    if getattr(model.config, "model_type", "") not in MODEL_TYPES:
         raise DetectorUnavailable(f"{name!r} is a {model.config.model_type!r} model, not Grounding DINO; {hint}")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     try:

@@ -53,26 +53,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def release_has_half_fix() -> bool:
-    """Whether the installed Grounding DINO builds its valid ratios at the model's dtype (PR #48438).
+def release_has_half_fix(model_class: type | None = None) -> bool:
+    """Whether the installed release builds Grounding DINO's valid ratios at the model's dtype (PR #48438).
 
-    The fix gave ``GroundingDinoModel.get_valid_ratio`` a ``dtype`` parameter and passes the features' dtype to
-    it; both are read from the installed source rather than guessed from the version number.
+    The fix gave ``get_valid_ratio`` of the base model class (``GroundingDinoModel`` unless ``model_class`` names
+    another, such as ``MMGroundingDinoModel``) a ``dtype`` parameter and passes the features' dtype to it; both are
+    read from the installed source rather than guessed from the version number.
     """
     try:
-        from transformers.models.grounding_dino import modeling_grounding_dino as mgd
-
-        if "dtype" not in inspect.signature(mgd.GroundingDinoModel.get_valid_ratio).parameters:
+        if model_class is None:
+            from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoModel as model_class
+        if "dtype" not in inspect.signature(model_class.get_valid_ratio).parameters:
             return False
-        return "dtype=source_flatten.dtype" in inspect.getsource(mgd.GroundingDinoModel.forward)
+        return "dtype=source_flatten.dtype" in inspect.getsource(model_class.forward)
     except (ImportError, AttributeError, OSError, TypeError):
         return False
 
 
-def half_weights_wanted(device: torch.device, dtype: torch.dtype | None) -> bool:
+def half_weights_wanted(device: torch.device, dtype: torch.dtype | None, model_class: type | None = None) -> bool:
     """Cast the weights to ``dtype`` (rather than fp32 weights under autocast) only for bf16 on CUDA with a fixed
     release; see the module docstring for why each other case keeps fp32 weights."""
-    return dtype is torch.bfloat16 and device.type == "cuda" and release_has_half_fix()
+    return dtype is torch.bfloat16 and device.type == "cuda" and release_has_half_fix(model_class)
 
 
 def text_position_embeddings_are_integer(model: torch.nn.Module) -> bool:

@@ -22,6 +22,8 @@ from transformers import (
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessorPil,
     GroundingDinoProcessor,
+    MMGroundingDinoConfig,
+    MMGroundingDinoForObjectDetection,
     SwinConfig,
 )
 
@@ -65,8 +67,12 @@ def build_vocab(size: int = 1100) -> dict[str, int]:
     return {tok: i for i, tok in sorted(by_id.items())}
 
 
-def tiny_config(vocab_size: int, max_text_len: int = 32) -> GroundingDinoConfig:
-    """The 653k-parameter configuration: every part of the real architecture, at toy width and depth."""
+def tiny_config(vocab_size: int, max_text_len: int = 32, mm: bool = False) -> GroundingDinoConfig:
+    """The 653k-parameter configuration: every part of the real architecture, at toy width and depth.
+
+    ``mm`` gives the same sizes as an MM-Grounding-DINO configuration (its own model type in transformers, loaded
+    by the same Auto class).
+    """
     backbone = SwinConfig(
         embed_dim=16,
         depths=[1, 1, 1, 1],
@@ -82,7 +88,8 @@ def tiny_config(vocab_size: int, max_text_len: int = 32) -> GroundingDinoConfig:
         max_position_embeddings=64,
         vocab_size=vocab_size,
     )
-    return GroundingDinoConfig(
+    config_class = MMGroundingDinoConfig if mm else GroundingDinoConfig
+    return config_class(
         backbone_config=backbone,
         text_config=text,
         d_model=64,
@@ -108,13 +115,14 @@ def build_processor(vocab_size: int = 1100) -> GroundingDinoProcessor:
 
 
 def build_tiny_grounding_dino(
-    seed: int = 0, max_text_len: int = 32
+    seed: int = 0, max_text_len: int = 32, mm: bool = False
 ) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
     """The tiny model and its processor, in memory, with weights drawn from ``seed``."""
     processor = build_processor()
+    model_class = MMGroundingDinoForObjectDetection if mm else GroundingDinoForObjectDetection
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GroundingDinoForObjectDetection(tiny_config(len(processor.tokenizer), max_text_len))
+        model = model_class(tiny_config(len(processor.tokenizer), max_text_len, mm=mm))
     # Random weights give query-token logits of +-10 to 20, so every score is 1.0. Shrinking the decoder's output
     # norm brings them to a few units: scores spread over (0, 1) and thresholds matter, as with a trained model.
     with torch.no_grad():
@@ -122,15 +130,16 @@ def build_tiny_grounding_dino(
     return model.eval(), processor
 
 
-def save_tiny_grounding_dino(path: str | Path, seed: int = 0, max_text_len: int = 32) -> Path:
+def save_tiny_grounding_dino(path: str | Path, seed: int = 0, max_text_len: int = 32, mm: bool = False) -> Path:
     """Save the tiny model and its processor to ``path`` (created if needed) and return it.
 
     Deterministic: the same ``seed`` gives the same weights. ``max_text_len`` is the text encoder limit; the
-    default of 32 tokens makes long captions split into several prompts, which tests rely on.
+    default of 32 tokens makes long captions split into several prompts, which tests rely on. ``mm`` saves an
+    MM-Grounding-DINO instead.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny_grounding_dino(seed=seed, max_text_len=max_text_len)
+    model, processor = build_tiny_grounding_dino(seed=seed, max_text_len=max_text_len, mm=mm)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

@@ -255,3 +255,59 @@ def test_half_weights_on_cpu_are_probed(tiny_grounding_dino_path):
     assert weights == ({torch.bfloat16} if det.half_weights else {torch.float32})
     (result,) = det([GroundingInput(noise_image(2, 224, 224), ["a dog"])])
     assert all(np.isfinite(d.score) and np.isfinite(d.box).all() for d in result.detections)
+
+
+def test_mm_grounding_dino_checkpoint_loads_through_the_same_path(tmp_path):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoTokenizer
+
+    from grit_pipeline.grounding.tiny import save_tiny_grounding_dino
+
+    folder = save_tiny_grounding_dino(tmp_path / "mm", mm=True)
+    det = make_detector(small_cfg(folder, box_threshold=0.0, nms_iou=1.0, max_boxes_per_phrase=1000))
+    det.setup()
+    assert type(det.model).__name__ == "MMGroundingDinoForObjectDetection"
+    inp = GroundingInput(noise_image(4, 224, 320), ["a man", "a red hat"])
+    (result,) = det([inp])
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    expected = independent_detections(model, tokenizer, inp.image, inp.phrases, 0.0, det.cfg.min_box_side)
+    assert len(result.detections) == len(expected) > 0
+    for d, (phrase, box, score) in zip(result.detections, expected):
+        assert d.phrase == phrase and d.score == pytest.approx(score, abs=1e-5)
+        np.testing.assert_allclose(d.box, box, atol=1e-5)
+
+
+def test_precision_policy():
+    from grit_pipeline.grounding import precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision.release_has_half_fix()  # the installed release's source has the fix
+    assert precision.half_weights_wanted(cuda, torch.bfloat16)
+    assert not precision.half_weights_wanted(cpu, torch.bfloat16)
+    assert not precision.half_weights_wanted(cuda, torch.float16)
+    assert not precision.half_weights_wanted(cuda, None)
+
+    class OldModel:  # the shape of releases before the fix: no dtype parameter
+        def get_valid_ratio(self, mask):
+            return mask
+
+        def forward(self):
+            return None
+
+    assert not precision.release_has_half_fix(OldModel)
+    assert not precision.half_weights_wanted(cuda, torch.bfloat16, OldModel)
+    with pytest.raises(ValueError, match="detector.dtype"):
+        precision.autocast_dtype("int8")
+    assert precision.resolve_device("cpu") == cpu
+
+
+def test_release_without_the_fix_keeps_fp32_weights_under_autocast(tiny_grounding_dino_path, monkeypatch):
+    from grit_pipeline.grounding import grounding_dino
+
+    seen = []
+    monkeypatch.setattr(grounding_dino, "half_weights_wanted", lambda *a: seen.append(a) or False)
+    det = make_detector(small_cfg(tiny_grounding_dino_path, dtype="bf16"))
+    det.setup()
+    assert seen and seen[0][1] is torch.bfloat16
+    assert det.half_weights is False and det.amp_dtype is torch.bfloat16
+    assert {p.dtype for p in det.model.parameters()} == {torch.float32}
