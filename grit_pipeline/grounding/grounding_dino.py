@@ -152,8 +152,8 @@ class GroundingDinoDetector:
         side = max(64, self.min_canvas)
         probe = GroundingInput(image=np.full((side, side, 3), 127, np.uint8), phrases=["a thing"])
         try:
-            logits, boxes = self._forward([np.asarray(probe.image)], [self._items(probe, 0)[0][0]])
-            ok = bool(torch.isfinite(boxes).all()) and not bool(torch.isnan(logits).any())
+            scores, boxes = self._launch([np.asarray(probe.image)], [self._items(probe, 0)[0][0]])
+            ok = bool(torch.isfinite(boxes).all()) and not bool(torch.isnan(scores).any())
             reason = "non-finite outputs"
         except RuntimeError as exc:
             ok, reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -186,13 +186,15 @@ class GroundingDinoDetector:
                 continue
             groups[self._padded_shape(image)].extend(items)
 
-        found: dict[int, list[Candidates]] = defaultdict(list)
+        chunks = []
         for shape in sorted(groups):
             items = groups[shape]
-            for start in range(0, len(items), max(1, self.cfg.batch_size)):
-                chunk = items[start : start + self.cfg.batch_size]
-                for it, cands in zip(chunk, self._ground_chunk(images, chunk)):
-                    found[it.image].append(cands)
+            step = max(1, self.cfg.batch_size)
+            chunks += [items[start : start + step] for start in range(0, len(items), step)]
+        found: dict[int, list[Candidates]] = defaultdict(list)
+        for chunk, cands in self._ground_chunks(images, chunks):
+            for it, c in zip(chunk, cands):
+                found[it.image].append(c)
 
         for i, result in enumerate(results):
             cands = Candidates.concat(found.get(i, []))
@@ -253,21 +255,38 @@ class GroundingDinoDetector:
         items.append(_Item(image_index, prompt, list(enc["input_ids"]), index))
         return []
 
-    def _ground_chunk(self, images: list[np.ndarray | None], chunk: list[_Item]) -> list[Candidates]:
-        """Candidates of one forward group; on CUDA out-of-memory, the group is halved and retried."""
+    def _ground_chunks(self, images: list[np.ndarray | None], chunks: list[list[_Item]]):
+        """Yield (chunk, candidates) per forward group, one group behind: group k+1 is queued on the device before
+        the results of group k are copied back and post-processed, so the device does not wait on the CPU."""
+        pending = None
+        for chunk in chunks:
+            launched = self._launch_safely(images, chunk)
+            if pending is not None:
+                yield from self._finish(pending)
+            pending = launched
+        if pending is not None:
+            yield from self._finish(pending)
+
+    def _launch_safely(self, images, chunk: list[_Item]) -> list[tuple[list[_Item], torch.Tensor, torch.Tensor]]:
+        """Queue one group; on CUDA out-of-memory, halve it and retry (one item that does not fit re-raises)."""
         try:
-            scores, boxes = self._forward([images[it.image] for it in chunk], chunk)
+            scores, boxes = self._launch([images[it.image] for it in chunk], chunk)
+            return [(chunk, scores, boxes)]
         except torch.cuda.OutOfMemoryError:
             if len(chunk) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(chunk) // 2
             log.warning("out of memory on a forward pass of %d items: retrying in halves", len(chunk))
-            return self._ground_chunk(images, chunk[:half]) + self._ground_chunk(images, chunk[half:])
-        return self._candidates(chunk, scores, boxes)
+            return self._launch_safely(images, chunk[:half]) + self._launch_safely(images, chunk[half:])
 
-    def _forward(self, images: list[np.ndarray], items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phrase scores (B, Q, P) and boxes (B, Q, 4) of one group of same padded shape, on the CPU."""
+    def _finish(self, launched):
+        for chunk, scores, boxes in launched:
+            yield chunk, self._candidates(chunk, scores.cpu(), boxes.cpu())
+
+    def _launch(self, images: list[np.ndarray], items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue the forward pass of one group of equal padded shape: phrase scores (B, Q, P) and boxes (B, Q, 4),
+        still on the device."""
         pixel_values, pixel_mask = self._pixels(images)
         input_ids, attention_mask, token_phrase = self._text(items)
         num_phrases = max(len(it.prompt.phrase_ids) for it in items)
@@ -281,22 +300,25 @@ class GroundingDinoDetector:
             )
             length = input_ids.shape[1]
             scores = phrase_scores(out.logits[:, :, :length].float(), token_phrase, num_phrases)
-            boxes = out.pred_boxes.float()
-        return scores.cpu(), boxes.cpu()
+        return scores, out.pred_boxes.float()
 
     def _pixels(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised, zero-padded (B, 3, H, W) pixels and (B, H, W) mask, built on the device from uint8."""
         h_pad, w_pad = self._padded_shape(images[0])
         cuda = self.device.type == "cuda"
-        host = torch.zeros((len(images), h_pad, w_pad, 3), dtype=torch.uint8, pin_memory=cuda)
-        mask = torch.zeros((len(images), h_pad, w_pad), dtype=torch.long)
+        host = torch.empty((len(images), h_pad, w_pad, 3), dtype=torch.uint8, pin_memory=cuda)
         host_view = host.numpy()  # a writable view: numpy copies from read-only arrays (PIL's) without complaint
+        sizes = torch.tensor([image.shape[:2] for image in images], dtype=torch.long)
         for k, image in enumerate(images):
             h, w = image.shape[:2]
             host_view[k, :h, :w] = image
-            mask[k, :h, :w] = 1
+            host_view[k, h:] = 0
+            host_view[k, :h, w:] = 0
         pixels = host.to(self.device, non_blocking=cuda).permute(0, 3, 1, 2).float()
-        mask = mask.to(self.device, non_blocking=cuda)
+        sizes = sizes.to(self.device, non_blocking=cuda)
+        rows = torch.arange(h_pad, device=self.device)[None, :, None] < sizes[:, 0, None, None]
+        cols = torch.arange(w_pad, device=self.device)[None, None, :] < sizes[:, 1, None, None]
+        mask = (rows & cols).long()  # (B, H, W), 1 on the image, 0 on the padding
         pixels = (pixels - self.mean) / self.std * mask[:, None]  # padding is 0 after normalisation
         return pixels.contiguous(), mask
 
