@@ -86,6 +86,8 @@ class GroundingDinoDetector:
         self.device = torch.device("cpu")
         self.amp_dtype: torch.dtype | None = None
         self.notes: list[str] = []  # facts worth recording in a manifest (fallbacks, library quirks)
+        # Running totals for the stage's stats: forward passes, (image, prompt) items, image and padded pixels.
+        self.counters = {"forward_passes": 0, "items": 0, "pixels": 0, "padded_pixels": 0}
 
     # ---------------------------------------------------------------------------------------------------------
     # Set-up
@@ -109,7 +111,7 @@ class GroundingDinoDetector:
                 "(detector.allow_random_weights=true). Its boxes are noise; do not use this output. !!!",
                 self.cfg.model,
             )
-            model, processor = build_tiny_grounding_dino(seed=0)
+            model, processor = build_tiny_grounding_dino(seed=0, max_text_len=256)
             tokenizer, mean, std = processor.tokenizer, IMAGENET_MEAN, IMAGENET_STD
             self.model_id = RANDOM_TINY_MODEL_ID
             self.random_weights = True
@@ -222,13 +224,13 @@ class GroundingDinoDetector:
         alias: dict[int, list[int]] = {}
         unique: list[int] = []
         for j, phrase in enumerate(inp.phrases):
-            text = prompt_phrase(phrase)
+            text = prompt_phrase(phrase) if isinstance(phrase, str) else ""  # not text: nothing to ground
             if text in first_of:
                 alias.setdefault(first_of[text], []).append(j)
             else:
                 first_of[text] = j
                 unique.append(j)
-        texts = [prompt_phrase(inp.phrases[j]) for j in unique]
+        texts = [prompt_phrase(inp.phrases[j]) if isinstance(inp.phrases[j], str) else "" for j in unique]
         counts = [len(self.tokenizer.tokenize(t)) if t else 0 for t in texts]
         prompts, too_long_local = plan_prompts(texts, counts, self.max_text_tokens)
         items: list[_Item] = []
@@ -289,6 +291,10 @@ class GroundingDinoDetector:
         still on the device."""
         pixel_values, pixel_mask = self._pixels(images)
         input_ids, attention_mask, token_phrase = self._text(items)
+        self.counters["forward_passes"] += 1
+        self.counters["items"] += len(items)
+        self.counters["pixels"] += sum(image.shape[0] * image.shape[1] for image in images)
+        self.counters["padded_pixels"] += pixel_mask.numel()
         num_phrases = max(len(it.prompt.phrase_ids) for it in items)
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             out = self.model(

@@ -156,6 +156,8 @@ def test_image_not_prepared_is_resized_by_the_detector(detector):
     assert [d.box for d in direct.detections] == [d.box for d in prepared.detections]
     (bad,) = detector([GroundingInput(np.zeros((10, 10), np.float32), ["a dog"])])
     assert bad.error.startswith("bad_image")
+    (odd,) = detector([GroundingInput(image, [None, "", "  .  ", "a dog"])])  # nothing to ground but the dog
+    assert {d.phrase for d in odd.detections} <= {3} and odd.too_long_phrases == []
 
 
 def test_sliver_image_gets_a_canvas_large_enough_for_the_queries(detector):
