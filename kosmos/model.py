@@ -190,8 +190,14 @@ class VisionBlock(nn.Module):
         self.attn = Attention(cfg.width, cfg.heads, cfg.attention_dropout)
         self.ln2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
+        self.checkpointing = False
 
     def forward(self, x):
+        if _should_checkpoint(self):
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -209,7 +215,6 @@ class VisionEncoder(nn.Module):
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         size = self.cfg.image_size
@@ -221,7 +226,7 @@ class VisionEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + N, W)
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = _maybe_checkpoint(block, self.gradient_checkpointing, x)
+            x = block(x)
         return self.ln_post(x)
 
 
@@ -273,8 +278,14 @@ class DecoderBlock(nn.Module):
         self.ffn = TextFFN(cfg)
         self.ffn_image = TextFFN(cfg) if multiway else None  # multiway: used at image-slot positions
         self.dropout = cfg.dropout
+        self.checkpointing = False
 
     def forward(self, x, attn_mask=None, is_causal=False, image_mask=None, cache=None, layer: int = 0):
+        if cache is None and _should_checkpoint(self):
+            return checkpoint(self._forward, x, attn_mask, is_causal, image_mask, use_reentrant=False)
+        return self._forward(x, attn_mask, is_causal, image_mask, cache, layer)
+
+    def _forward(self, x, attn_mask=None, is_causal=False, image_mask=None, cache=None, layer: int = 0):
         h = self.attn(self.ln_attn(x), attn_mask, is_causal, cache, layer)
         x = x + F.dropout(h, self.dropout, self.training)
         h = self.ln_ffn(x)
@@ -321,10 +332,9 @@ def insert_image_embeds(x: torch.Tensor, image_embeds: torch.Tensor, image_mask:
     return torch.where(image_mask[..., None], gathered.to(x.dtype), x)
 
 
-def _maybe_checkpoint(module: nn.Module, enabled: bool, *args):
-    if enabled and module.training and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
+def _should_checkpoint(block: nn.Module) -> bool:
+    """Recompute this block in backward: inside the block, so FSDP wrapping the block stays outside the recompute."""
+    return block.checkpointing and block.training and torch.is_grad_enabled()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -401,6 +411,8 @@ class KosmosModel(nn.Module):
             normal(block.mlp.fc1.weight, (2 * v.width) ** -0.5)
             normal(block.mlp.fc2.weight, in_std)
         normal(self.connector.latent_query, 1.0)
+        if self.embed_tokens.weight.is_meta:  # shapes only (weights come from a checkpoint): nothing to probe
+            return
         if cfg.connector_init == "block_pool":
             init_connector_block_pool(self, generator=generator)
         if cfg.loc_embed_init == "sincos":
@@ -413,7 +425,8 @@ class KosmosModel(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.config.gradient_checkpointing = enabled
-        self.vision.gradient_checkpointing = enabled
+        for block in [*self.vision.blocks, *self.blocks]:
+            block.checkpointing = enabled
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -488,12 +501,8 @@ class KosmosModel(nn.Module):
                 if image_embeds_position_mask is not None and past == 0
                 else torch.zeros(B, T, dtype=torch.bool, device=x.device)
             )
-        ckpt = self.config.gradient_checkpointing
         for i, block in enumerate(self.blocks):
-            if cache is None:
-                x = _maybe_checkpoint(block, ckpt, x, attn_mask, is_causal, multiway_mask)
-            else:
-                x = block(x, attn_mask, is_causal, multiway_mask, cache, i)
+            x = block(x, attn_mask, is_causal, multiway_mask, cache, i)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
