@@ -337,6 +337,11 @@ def _should_checkpoint(block: nn.Module) -> bool:
     return block.checkpointing and block.training and torch.is_grad_enabled()
 
 
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row is ones then zeros (or all ones). One host sync."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -455,6 +460,7 @@ class KosmosModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         reduction: str = "mean",
+        return_logits: bool = True,
     ) -> KosmosOutput:
         """Logits for every position and, given ``labels`` or ``loss_mask``, the causal-LM loss.
 
@@ -462,7 +468,8 @@ class KosmosModel(nn.Module):
         (B, T), 1 at the Q image slots of each row with an image; attention_mask (B, past + T), 0 at padding.
         labels (B, T) are aligned with input_ids (the shift happens here; -100 is ignored), or loss_mask (B, T) marks
         the input tokens that are targets. ``reduction="sum"`` returns the summed loss, for exact averaging over
-        gradient-accumulation steps.
+        gradient-accumulation steps. ``return_logits=False`` (training) runs the LM head only where there is a
+        target, which in Kosmos-2 sequences skips the image slots, and returns ``logits=None``.
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
@@ -472,13 +479,14 @@ class KosmosModel(nn.Module):
         if past + T > t.max_positions:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_positions={t.max_positions}")
 
+        has_image = pixel_values is not None or image_embeds is not None
+        if has_image and image_embeds_position_mask is not None:
+            self._check_image_slots(image_embeds_position_mask)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)  # (B, Q, D)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if image_embeds is not None and image_embeds_position_mask is not None:
-            image_mask = image_embeds_position_mask.bool()
-            self._check_image_slots(image_mask)
-            x = insert_image_embeds(x, image_embeds, image_mask)
+            x = insert_image_embeds(x, image_embeds, image_embeds_position_mask.bool())
         elif image_embeds_position_mask is not None and past == 0 and image_embeds_position_mask.any():
             raise ValueError("image_embeds_position_mask marks image slots but no pixel_values/image_embeds given")
         x = x * self.embed_scale
@@ -488,6 +496,10 @@ class KosmosModel(nn.Module):
         x = F.dropout(x, t.dropout, self.training)  # (B, T, D)
 
         attn_mask, is_causal = None, False
+        if attention_mask is not None and self.training and cache is None and _is_right_padded(attention_mask):
+            # Causal attention alone gives every real token the same result, and pad positions carry no loss:
+            # dropping the mask lets SDPA use its flash kernel. (Eval keeps HF's exact pad-position outputs.)
+            attention_mask = None
         if attention_mask is not None:
             attn_mask = decoder_attention_mask(attention_mask, past, T, _compute_dtype(x))
         elif past == 0:
@@ -506,25 +518,28 @@ class KosmosModel(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
-        logits = F.linear(x, self.embed_tokens.weight)  # (B, T, V), tied head
 
         if labels is None and loss_mask is not None:
             labels = input_ids.masked_fill(~loss_mask.bool(), IGNORE_INDEX)
-        loss = None
-        if labels is not None:
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction=reduction,
-            )
+        if labels is None:
+            if not return_logits:
+                raise ValueError("return_logits=False needs labels or loss_mask")
+            return KosmosOutput(F.linear(x, self.embed_tokens.weight), None)  # (B, T, V), tied head
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # position t predicts token t + 1
+        if return_logits:
+            logits = F.linear(x, self.embed_tokens.weight)  # (B, T, V)
+            scored = logits.view(B * T, -1)
+        else:
+            keep = targets.ne(IGNORE_INDEX)  # one host sync for the boolean gather
+            logits, targets = None, targets[keep]
+            scored = F.linear(x.reshape(B * T, -1)[keep], self.embed_tokens.weight)  # (N, V)
+        loss = F.cross_entropy(scored.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
         return KosmosOutput(logits, loss)
 
     def _check_image_slots(self, image_mask: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
             return
-        counts = image_mask.sum(dim=1)
+        counts = image_mask.bool().sum(dim=1)
         q = self.config.latent_query_num
         if not bool(((counts == 0) | (counts == q)).all()):
             raise ValueError(f"each row needs 0 or {q} image slots, got counts {counts.tolist()}")

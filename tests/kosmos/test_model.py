@@ -303,3 +303,35 @@ def test_config_round_trips_through_dict():
         KosmosConfig.from_dict({**cfg.to_dict(), "extra": 1})
     with pytest.raises(ValueError, match="connector_init"):
         dataclasses.replace(cfg, connector_init="magic")
+
+
+def test_right_padded_training_batches_give_the_same_loss_without_the_mask():
+    torch.manual_seed(0)
+    model = create_model("tiny", text={"dropout": 0.0, "attention_dropout": 0.0})
+    pixels, ids, image_mask = batch(b=3, seed=8)
+    attention = torch.ones_like(ids)
+    for row, n in ((1, 5), (2, 2)):  # right padding
+        ids[row, -n:], attention[row, -n:] = 1, 0
+    labels = ids.masked_fill(attention.eq(0), -100)
+    train_loss = model.train()(pixels, ids, image_mask, attention, labels=labels).loss  # mask dropped: flash path
+    with torch.no_grad():
+        eval_out = model.eval()(pixels, ids, image_mask, attention, labels=labels)  # mask kept, as HF does
+    torch.testing.assert_close(train_loss, eval_out.loss, atol=1e-6, rtol=1e-6)
+
+
+def test_loss_without_logits_equals_the_full_loss_and_gradients():
+    torch.manual_seed(0)
+    model = create_model("tiny", text={"dropout": 0.0, "attention_dropout": 0.0})
+    pixels, ids, image_mask = batch(seed=9)
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) <= 2 + Q, -100)
+    full = model(pixels, ids, image_mask, labels=labels)
+    full.loss.backward()
+    grad = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    lean = model(pixels, ids, image_mask, labels=labels, return_logits=False)
+    lean.loss.backward()
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss)
+    torch.testing.assert_close(model.embed_tokens.weight.grad, grad)
+    with pytest.raises(ValueError, match="return_logits"):
+        model(pixels, ids, image_mask, return_logits=False)
