@@ -29,15 +29,15 @@ if TYPE_CHECKING:
 def unit_rows(n: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n, dim) unit vectors: orthonormal when n <= dim, otherwise random (near-orthogonal in high dim)."""
     if n <= dim:
-        q, _ = torch.linalg.qr(torch.randn(dim, n, generator=generator))
+        q, _ = torch.linalg.qr(torch.randn(dim, n, generator=generator, device="cpu"))
         return q.T.contiguous()
-    return F.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+    return F.normalize(torch.randn(n, dim, generator=generator, device="cpu"), dim=-1)
 
 
 def patch_blocks(grid: int, side: int) -> torch.Tensor:
     """Block index (row-major over a side x side layout) of every patch of a grid x grid image, row-major."""
-    rows = torch.arange(grid)[:, None] * side // grid
-    cols = torch.arange(grid)[None, :] * side // grid
+    rows = torch.arange(grid, device="cpu")[:, None] * side // grid
+    cols = torch.arange(grid, device="cpu")[None, :] * side // grid
     return (rows * side + cols).flatten()
 
 
@@ -46,8 +46,8 @@ def sincos_2d(bins: int, dim: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"a 2-D sin-cos code needs a width divisible by 4, got {dim}")
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (dim/4,)
-    coords = torch.arange(bins, dtype=torch.float32)
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32, device="cpu") / quarter)  # (dim/4,)
+    coords = torch.arange(bins, dtype=torch.float32, device="cpu")
     y, x = torch.meshgrid(coords, coords, indexing="ij")
 
     def code(p: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def init_location_embeddings_sincos(model: KosmosModel) -> None:
     table = sincos_2d(cfg.loc_bins, cfg.text.dim)
     table = table / table.pow(2).mean().sqrt() * cfg.init_std
     weight = model.embed_tokens.weight
-    weight[start : start + n] = table.to(weight.dtype)
+    weight[start : start + n] = table.to(weight.device, weight.dtype)
 
 
 @torch.no_grad()
@@ -96,26 +96,27 @@ def init_connector_block_pool(
     head_dim, shared = dim // heads, min(width, dim)
     block = patch_blocks(grid, side)  # (P,)
     codes = unit_rows(q_num, shared, generator)  # (Q, m): one code per block
-    codes_d = torch.zeros(q_num, dim)
+    codes_d = torch.zeros(q_num, dim, device="cpu")
     codes_d[:, :shared] = codes  # the codes as they come out of the identity `dense`
 
+    # Helper tensors are built on CPU (the generator's device) and moved where the weights live.
     vis, con = model.vision, model.connector
-    dtype = con.dense.weight.dtype
+    device, dtype = con.dense.weight.device, con.dense.weight.dtype
     # Position codes at the norm of a typical patch embedding of a unit-variance image, so both survive ln_pre.
     content_norm = float(vis.patch_embed.weight.float().std()) * math.sqrt(v.num_channels * v.patch_size**2 * width)
-    vis.pos_embed[1:, :shared] += (content_norm * codes[block]).to(vis.pos_embed.dtype)
+    vis.pos_embed[1:, :shared] += (content_norm * codes[block]).to(device, vis.pos_embed.dtype)
 
-    con.dense.weight.copy_(torch.eye(dim, width))
+    con.dense.weight.copy_(torch.eye(dim, width, device="cpu"))
     for linear in (con.dense, con.q_proj, con.kv_proj, con.out_proj):
         linear.bias.zero_()
     # Probe: how strongly do the (normalised) features of a patch carry its block code?
-    device, was_training = vis.pos_embed.device, model.training
+    was_training = model.training
     model.eval()  # no dropout in the probes
-    pixels = torch.randn(probe_images, v.num_channels, v.image_size, v.image_size, generator=generator)
+    pixels = torch.randn(probe_images, v.num_channels, v.image_size, v.image_size, generator=generator, device="cpu")
     tokens = vis(pixels.to(device=device, dtype=vis.pos_embed.dtype))  # (n, 1 + P, W)
-    feats = F.normalize(tokens.float(), dim=-1)[:, 1:]  # (n, P, W)
-    coords = feats[..., :shared] @ codes.to(device).T  # (n, P, Q): coordinate of each patch on each block code
-    own = coords.gather(-1, block.to(device)[None, :, None].expand(coords.shape[0], -1, 1)).squeeze(-1)  # (n, P)
+    feats = F.normalize(tokens.float(), dim=-1)[:, 1:].cpu()  # (n, P, W)
+    coords = feats[..., :shared] @ codes.T  # (n, P, Q): coordinate of each patch on each block code
+    own = coords.gather(-1, block[None, :, None].expand(coords.shape[0], -1, 1)).squeeze(-1)  # (n, P)
     own_mean = float(own.mean())
     other_mean = float((coords.sum(-1) - own).mean()) / max(q_num - 1, 1)
     contrast = max(own_mean - other_mean, 1e-3)
@@ -125,10 +126,10 @@ def init_connector_block_pool(
     head_codes = unit_rows(q_num, head_dim, generator)  # (Q, hd): every head scores block coordinates
     read = (head_codes.T @ codes_d).repeat(heads, 1)  # (D, D)
     con.q_proj.weight.copy_((scale * read).to(dtype))
-    con.kv_proj.weight[:dim] = (scale * read).to(dtype)
-    con.kv_proj.weight[dim:] = torch.eye(dim, dtype=dtype)
+    con.kv_proj.weight[:dim] = (scale * read).to(device, dtype)
+    con.kv_proj.weight[dim:] = torch.eye(dim, device="cpu").to(device, dtype)
     con.latent_query.copy_((gamma * codes_d).to(dtype))
-    con.out_proj.weight.copy_(torch.eye(dim, dtype=dtype))
+    con.out_proj.weight.copy_(torch.eye(dim, device="cpu"))
     # Output at the RMS of a token embedding, so image slots and text start on the same footing.
     pooled_rms = float(con(tokens).float().pow(2).mean().sqrt())
     con.out_proj.weight.mul_(cfg.init_std / max(pooled_rms, 1e-6))

@@ -277,6 +277,7 @@ def test_checkpoint_round_trip(tmp_path, model):
     save_model(model, tmp_path / "ck")
     loaded = load_model(tmp_path / "ck").eval()
     assert loaded.config == model.config
+    assert all(p.requires_grad for p in loaded.parameters()) and loaded.pos_table.shape == model.pos_table.shape
     with torch.no_grad():
         assert torch.equal(loaded(pixels, ids, image_mask).logits, model(pixels, ids, image_mask).logits)
     frozen = load_model(tmp_path / "ck", freeze_vision=True, text={"dropout": 0.0})
