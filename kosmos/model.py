@@ -54,7 +54,7 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 65037  # 64,000 BPE pieces + fairseq specials + <mask> + 11 Kosmos tokens + 1,024 locations
+    vocab_size: int = 65037  # text pieces and special tokens (<grounding> = 64012), then 1,024 location tokens
     max_positions: int = 2048
     dim: int = 2048
     layers: int = 24
