@@ -6,7 +6,8 @@ with -100 up to ``</image>``) and the same step: forward with labels, backward, 
 Dropout stays at the config's 0.1 for both. Ours is called as a trainer calls it, with ``return_logits=False``
 (the LM head runs only at positions with a target; HF has no such switch); the loss is the same.
 
-- CPU: a small config in fp32; both models resident, timed rounds alternate so machine noise hits both alike.
+- CPU: a small config in fp32 on one thread; both models resident, timed steps alternate so machine noise hits
+  both alike.
 - CUDA: ``kosmos2-1.6b`` under bf16 autocast with fp32 master weights; one model at a time, each freed before the
   next is built; ours eager, then the same model with its blocks compiled (compile time reported).
   ``KOSMOS_STEP_SMOKE=1`` runs this path on a tiny config on whatever device exists, to check the script end to end.
@@ -147,8 +148,18 @@ def _report(times: list[float], tokens: int, flops: float, peak: float | None, *
 
 
 def run_cpu() -> dict:
+    # One thread: on a shared two-core machine, two threads per process make every timing hostage to other load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_cpu()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_cpu() -> dict:
     torch.manual_seed(0)
-    cfg, batch_size, seq, rounds, per_round = cpu_config(), 4, 128, 10, 1
+    cfg, batch_size, seq, rounds, per_round = cpu_config(), 8, 192, 16, 1
     batch = make_batch(cfg, batch_size, seq, "cpu")
     trainers = {
         "hf": Trainer(build_hf(cfg, "cpu"), batch, "cpu", None),

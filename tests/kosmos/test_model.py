@@ -336,3 +336,20 @@ def test_loss_without_logits_equals_the_full_loss_and_gradients():
     torch.testing.assert_close(model.embed_tokens.weight.grad, grad)
     with pytest.raises(ValueError, match="return_logits"):
         model(pixels, ids, image_mask, return_logits=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_training_step_and_generation():
+    torch.manual_seed(0)
+    model = create_model("tiny").cuda()
+    pixels, ids, image_mask = (t.cuda() for t in batch(b=3, seed=10))
+    ids, image_mask, attention = left_padded(ids, image_mask, [0, 3, 1])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(pixels, ids, image_mask, attention, labels=ids, return_logits=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model.generate(pixels, ids, image_mask, attention, max_new_tokens=5)
+    assert out.shape == (3, ids.shape[1] + 5)
