@@ -135,6 +135,16 @@ def test_generate_with_cache_equals_without(model, no_repeat):
     assert torch.equal(cached, uncached)
 
 
+def test_generation_stops_when_every_row_has_ended(model):
+    pixels, ids, image_mask = batch(b=1, t=2 + Q + 3, seed=12)
+    kwargs = dict(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=image_mask)
+    new = model.generate(**kwargs, max_new_tokens=3)[0, ids.shape[1] :].tolist()
+    eos = new[-1]
+    first = new.index(eos)  # where greedy decoding first emits it
+    stopped = model.generate(**kwargs, max_new_tokens=10, eos_token_id=eos)
+    assert stopped.shape[1] == ids.shape[1] + first + 1 and int(stopped[0, -1]) == eos
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(model):
     pixels, ids, image_mask = batch(b=2, t=2 + Q + 2, seed=3)
     kwargs = dict(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=image_mask, max_new_tokens=8)
