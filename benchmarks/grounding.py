@@ -347,7 +347,9 @@ def run_gpu_benchmark(device: str = "cuda", smoke: bool = False, budget_s: float
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(device):
-        model = GroundingDinoForObjectDetection(config).eval()
+        # Built on the device for speed; .to() also moves the few parameters made with the legacy
+        # torch.Tensor(...) constructor, which ignores the default-device context.
+        model = GroundingDinoForObjectDetection(config).to(device).eval()
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
 
