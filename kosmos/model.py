@@ -461,6 +461,7 @@ class KosmosModel(nn.Module):
         cache: KVCache | None = None,
         reduction: str = "mean",
         return_logits: bool = True,
+        images_in_slot_order: bool = False,
     ) -> KosmosOutput:
         """Logits for every position and, given ``labels`` or ``loss_mask``, the causal-LM loss.
 
@@ -470,6 +471,9 @@ class KosmosModel(nn.Module):
         the input tokens that are targets. ``reduction="sum"`` returns the summed loss, for exact averaging over
         gradient-accumulation steps. ``return_logits=False`` (training) runs the LM head only where there is a
         target, which in Kosmos-2 sequences skips the image slots, and returns ``logits=None``.
+        ``images_in_slot_order=True`` takes the loader's layout instead of HF's: pixel_values/image_embeds (N, ...)
+        hold one image per block of Q slots, in the order the blocks appear reading the rows, so rows may have no
+        image (text-only samples mixed in) or several (packed rows).
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
@@ -481,12 +485,17 @@ class KosmosModel(nn.Module):
 
         has_image = pixel_values is not None or image_embeds is not None
         if has_image and image_embeds_position_mask is not None:
-            self._check_image_slots(image_embeds_position_mask)
+            images = (pixel_values if pixel_values is not None else image_embeds).shape[0]
+            self._check_image_slots(image_embeds_position_mask, images, images_in_slot_order)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)  # (B, Q, D)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if image_embeds is not None and image_embeds_position_mask is not None:
-            x = insert_image_embeds(x, image_embeds, image_embeds_position_mask.bool())
+            if images_in_slot_order:  # fills the slots in row-major order, image after image
+                slots = image_embeds_position_mask.bool()[..., None]
+                x = x.masked_scatter(slots, image_embeds.reshape(-1, image_embeds.shape[-1]).to(x.dtype))
+            else:
+                x = insert_image_embeds(x, image_embeds, image_embeds_position_mask.bool())
         elif image_embeds_position_mask is not None and past == 0 and image_embeds_position_mask.any():
             raise ValueError("image_embeds_position_mask marks image slots but no pixel_values/image_embeds given")
         x = x * self.embed_scale
@@ -536,11 +545,18 @@ class KosmosModel(nn.Module):
         loss = F.cross_entropy(scored.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
         return KosmosOutput(logits, loss)
 
-    def _check_image_slots(self, image_mask: torch.Tensor) -> None:
+    def _check_image_slots(self, image_mask: torch.Tensor, num_images: int, in_slot_order: bool = False) -> None:
         if torch.compiler.is_compiling():
             return
         counts = image_mask.bool().sum(dim=1)
         q = self.config.latent_query_num
+        if in_slot_order:
+            if not bool((counts % q == 0).all()) or int(counts.sum()) != num_images * q:
+                raise ValueError(
+                    f"{num_images} images need {num_images * q} image slots in blocks of {q}, got counts "
+                    f"{counts.tolist()}"
+                )
+            return
         if not bool(((counts == 0) | (counts == q)).all()):
             raise ValueError(f"each row needs 0 or {q} image slots, got counts {counts.tolist()}")
 
