@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train": ("kosmos.train", "pretrain or fine-tune from GRIT shards (also under torchrun)"),
     "generate": ("kosmos.generate", "grounded generation for an image"),
     "eval": ("kosmos.evaluate", "loss and phrase-grounding accuracy on held-out shards"),
+    "diff-checkpoints": ("kosmos.weight_diff", "which weights changed between two checkpoints, per module"),
 }
 
 

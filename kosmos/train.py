@@ -42,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if rank == 0:
+    if rank == 0 or "rank" in summary:
         print(json.dumps(summary))
     return 0

@@ -353,9 +353,12 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train as ``cfg`` says (continuing from the run folder's latest checkpoint with ``resume``); returns the
     run's summary. Under torchrun every rank calls this."""
     env = setup_distributed(cfg.run.device)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         return _run(cfg, resume, env)
-    finally:
+    finally:  # process-wide settings go back to what they were (the trainer may run inside a larger program)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
         if env.owns_group:
             dist.destroy_process_group()
 
@@ -448,9 +451,21 @@ def _run(cfg: TrainConfig, resume: bool, env: Dist) -> dict[str, Any]:
         "train_seconds": round(trainer.train_seconds, 3),
         "data_counts": dict(loader.counts),
     }
+    if env.world_size > 1:  # lets a person (and the tests) see that the ranks hold the same weights
+        summary["rank"] = env.rank
+        summary["param_checksum"] = parameter_checksum(model)
     if env.is_main:
         summary["weight_change"] = weight_change_summary(cfg, model, out)
     return summary
+
+
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """Sum of every parameter value (float64): equal on every rank when data parallelism keeps them in sync."""
+    total = 0.0
+    for p in model.parameters():
+        data = p.full_tensor() if hasattr(p, "full_tensor") else p
+        total += float(data.detach().double().sum())
+    return total
 
 
 def make_evaluator(

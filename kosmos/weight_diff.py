@@ -22,9 +22,12 @@ import torch
 
 
 def module_of(name: str, depth: int) -> str:
-    """``blocks.3.attn.qkv.weight`` -> ``blocks.3`` at depth 2; a parameter of a shallower path keeps it whole."""
+    """``blocks.3.attn.qkv.weight`` -> ``blocks.3`` at depth 2; ``embed_tokens.weight`` -> ``embed_tokens``;
+    ``connector.latent_query`` stays whole."""
     parts = name.split(".")
-    return ".".join(parts[: min(depth, len(parts) - 1)]) or parts[0]
+    if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    return ".".join(parts[: max(1, depth)])
 
 
 def diff_state_dicts(

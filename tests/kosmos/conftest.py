@@ -44,3 +44,38 @@ def hf_folders(tmp_path_factory):
     processor = Kosmos2Processor(CLIPImageProcessorPil(), XLMRobertaTokenizer.from_pretrained(str(spm_dir)))
     processor.save_pretrained(str(root / "kosmos2"))
     return {"spm_only": spm_dir, "plain": root / "xlmr_plain", "kosmos2": root / "kosmos2", "spm_pieces": 150}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training tests: one synthetic shapes corpus (tests/kosmos/shapes_corpus.py) and its tokenizer for the session.
+# ---------------------------------------------------------------------------------------------------------------
+
+TRAIN_SCENES = 3000
+HELDOUT_SCENES = 200
+WIRING_SCENES = 64
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """Shards of shape scenes: ``train`` (3,000 scenes, one or two shapes), ``heldout`` (200 others) and ``wiring``
+    (64 one-shape scenes); a tokenizer trained on the training captions with ``kosmos tokenizer train``."""
+    from pathlib import Path
+
+    from shapes_corpus import scenes, write_shards
+
+    from kosmos.cli import main
+
+    root = Path(tmp_path_factory.mktemp("shapes"))
+    sets = {
+        "train": scenes(TRAIN_SCENES, seed=1),
+        "heldout": scenes(HELDOUT_SCENES, seed=2),
+        "wiring": scenes(WIRING_SCENES, seed=3, max_shapes=1),
+    }
+    out = {"root": root}
+    for name, items in sets.items():
+        write_shards(root / name, items, per_shard=500, prefix=name[0])
+        out[name] = str(root / name / "*.tar")
+    code = main(["tokenizer", "train", "--shards", out["train"], "--vocab-size", "300", "--out", str(root / "tok")])
+    assert code == 0
+    out["tokenizer"] = str(root / "tok")
+    return out

@@ -1,0 +1,191 @@
+"""The trainer's pure parts: schedule, parameter groups, checkpoint files and pointer, metrics, config checks,
+weight-change summary, grounding-eval geometry, and the model's slot-order image layout."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from grit_pipeline.config import ConfigError
+from kosmos.generate import crop_box_to_pixels
+from kosmos.grounding_eval import baseline_boxes, best_iou, box_iou
+from kosmos.registry import create_model
+from kosmos.train_config import OptimConfig, load_train_config
+from kosmos.train_log import format_progress, truncate_metrics
+from kosmos.train_setup import lr_factor, param_groups
+from kosmos.train_state import (
+    STATE_FILE,
+    CheckpointError,
+    capture_rng_state,
+    finalize_checkpoint,
+    latest_checkpoint,
+    optimizer_state_from_files,
+    optimizer_state_to_files,
+    remove_incomplete,
+    resolve_model_dir,
+    restore_rng_state,
+    temporary_dir,
+)
+from kosmos.weight_diff import check_expectations, diff_state_dicts, module_of
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    cfg = OptimConfig(warmup_steps=4)
+    assert [lr_factor(s, cfg, 12) for s in (1, 2, 4, 8, 12)] == [0.25, 0.5, 1.0, 0.5, 0.0]
+    assert lr_factor(100, OptimConfig(warmup_steps=4, decay="constant"), 12) == 1.0
+    assert lr_factor(1, OptimConfig(warmup_steps=0), 10) == pytest.approx(0.9)
+
+
+def test_param_groups_decay_matrices_only_and_scale_the_vision_tower():
+    model = create_model("tiny")
+    groups = param_groups(model, OptimConfig(weight_decay=0.01, vision_lr_scale=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        ns = [names[id(p)] for p in group["params"]]
+        vision = {n.startswith("vision.") for n in ns}
+        assert len(vision) == 1 and group["lr_scale"] == (0.1 if vision.pop() else 1.0)
+        for n, p in zip(ns, group["params"]):
+            assert (group["weight_decay"] > 0) == (p.ndim >= 2 and not n.endswith("class_embedding")), n
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    model.freeze_vision_encoder(True)
+    assert all(not names[id(p)].startswith("vision.") for g in param_groups(model, OptimConfig()) for p in g["params"])
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    model(torch.randn(2, 3)).pow(2).sum().backward()
+    opt.step()
+    state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    tensors, meta = optimizer_state_to_files(state)
+    save_file(tensors, str(tmp_path / "o.safetensors"))
+    (tmp_path / "o.json").write_text(json.dumps(meta))
+    back = optimizer_state_from_files(
+        load_file(str(tmp_path / "o.safetensors")), json.loads((tmp_path / "o.json").read_text())
+    )
+    assert back["param_groups"][0]["betas"] == (0.9, 0.98)
+    assert set(back["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    for name, fields in state["state"].items():
+        assert all(torch.equal(fields[k], back["state"][name][k]) for k in fields)
+
+
+def test_rng_states_round_trip():
+    tensors, meta = capture_rng_state()
+    json.dumps(meta)  # JSON as it is stored
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(tensors, meta)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def _fake_checkpoint(out, step, complete=True):
+    tmp = temporary_dir(out, step)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text("{}")
+    if complete:
+        (tmp / STATE_FILE).write_text(json.dumps({"format": "kosmos-train-state", "step": step}))
+    return tmp
+
+
+def test_checkpoint_folder_is_renamed_then_pointed_to_and_old_ones_pruned(tmp_path):
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path, step)
+        finalize_checkpoint(tmp_path, step, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    assert latest_checkpoint(tmp_path) == root / "step_00000003"
+    assert resolve_model_dir(tmp_path) == resolve_model_dir(root) == root / "step_00000003"
+    # An incomplete write is refused and the pointer stays where it was; the leftovers go at the next start.
+    _fake_checkpoint(tmp_path, 4, complete=False)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        finalize_checkpoint(tmp_path, 4, keep=2)
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert remove_incomplete(tmp_path) == [".tmp-step_00000004"]
+    with pytest.raises(CheckpointError, match="no model"):
+        resolve_model_dir(tmp_path / "nothing")
+
+
+def test_metrics_after_the_resumed_step_are_dropped_and_progress_reads_well(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in (1, 2, 3, 4)) + '{"kind": "tr')
+    assert truncate_metrics(path, 2) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    record = {"step": 120, "loss": 2.34567, "lr": 1.6e-4, "grad_norm": 0.82, "samples_per_s": 410.2}
+    line = format_progress({**record, "tokens_per_s": 15234.0, "eta_s": 70}, 600)
+    assert (
+        line == "step 120/600 (20%) | loss 2.3457 | lr 1.60e-04 | gnorm 0.82 | 410 samples/s | 15.2k tok/s | eta 1m10s"
+    )
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="tokenizer is empty"):
+        load_train_config(None, ["data.sources=[{kind: grit, shards: [x.tar]}]"])
+    with pytest.raises(ConfigError, match="data.sources is empty"):
+        load_train_config(None, ["tokenizer=tok"])
+    with pytest.raises(ConfigError, match="run.precision"):
+        load_train_config(None, ["tokenizer=tok", "data.sources=[{shards: [x.tar]}]", "run.precision=fp8"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        load_train_config(None, ["optim.learning_rate=1"])
+    cfg = load_train_config(None, ["tokenizer=tok", "data.sources=[{shards: [x.tar]}]"])
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == (2e-4, [0.9, 0.98], 1e-6, 0.01)
+    assert (cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.run.max_steps) == (375, 2.0, 60000)
+
+
+def test_weight_change_summary_and_expectations():
+    before = {
+        "vision.blocks.0.fc.weight": torch.ones(2, 2),
+        "blocks.0.fc.weight": torch.ones(3),
+        "ln.bias": torch.ones(1),
+    }
+    after = dict(before, **{"blocks.0.fc.weight": torch.tensor([1.0, 2.0, 1.0])})
+    rows = {r["module"]: r for r in diff_state_dicts(before, after)}
+    assert rows["blocks.0"]["changed"] == 1 and rows["blocks.0"]["rel_change"] == pytest.approx(1 / 3**0.5)
+    assert rows["vision.blocks"]["changed"] == 0 and set(rows) == {"vision.blocks", "blocks.0", "ln"}
+    assert check_expectations(list(rows.values()), frozen=["vision"], trained=["blocks"]) == []
+    problems = check_expectations(list(rows.values()), frozen=["blocks"], trained=["vision", "ln"])
+    assert problems == [
+        "expected frozen, but changed: blocks.0",
+        "expected trained, but unchanged: vision",
+        "expected trained, but unchanged: ln",
+    ]
+    assert module_of("connector.latent_query", 2) == "connector.latent_query"
+    assert module_of("embed_tokens.weight", 2) == "embed_tokens"
+
+
+def test_grounding_geometry():
+    assert box_iou((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == 1.0
+    assert box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) == pytest.approx(1 / 3)
+    assert best_iou((0, 0, 1, 1), [(0, 0, 0.5, 0.5), (0, 0, 1, 0.9)]) == pytest.approx(0.9)
+    base = baseline_boxes([[(0.0, 0.0, 0.2, 0.4)], [(0.6, 0.4, 1.0, 0.8)]])
+    assert base["mean_box"] == pytest.approx((0.3, 0.2, 0.6, 0.6))
+    assert base["centred_box"] == pytest.approx((0.35, 0.3, 0.65, 0.7))
+    # A 448 x 224 image: resized to 448 x 224 (already short side 224), crop offset 112 on x.
+    assert crop_box_to_pixels((0.0, 0.0, 1.0, 0.5), 448, 224, 224) == [112.0, 0.0, 336.0, 112.0]
+
+
+def test_images_in_slot_order_match_the_per_row_layout():
+    """The loader's layout (images in slot order; text-only and packed rows) gives what the per-row layout gives."""
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    q = model.config.latent_query_num
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(3, 3, 64, 64, generator=g)
+    ids = torch.randint(3, 900, (3, 2 * q + 12), generator=g)
+    slots = torch.zeros_like(ids)
+    slots[0, 2 : 2 + q] = 1  # one image
+    slots[2, 2 : 2 + q] = 1  # row 1: text only; row 2: two images (packed)
+    slots[2, q + 6 : 2 * q + 6] = 1
+    out = model(pixels, ids, slots, images_in_slot_order=True).logits
+    single = model(pixels[:1], ids[:1], slots[:1]).logits
+    torch.testing.assert_close(out[:1], single)
+    text_only = model(input_ids=ids[1:2]).logits
+    torch.testing.assert_close(out[1:2], text_only)
+    with pytest.raises(ValueError, match="image slots in blocks"):
+        model(pixels[:2], ids, slots, images_in_slot_order=True)
