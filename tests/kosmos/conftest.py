@@ -79,3 +79,17 @@ def shapes(tmp_path_factory):
     assert code == 0
     out["tokenizer"] = str(root / "tok")
     return out
+
+
+@pytest.fixture(scope="session")
+def wiring_run(shapes, tmp_path_factory):
+    """The tiny model trained on the 64 one-shape wiring scenes until it fits them (600 steps of 16)."""
+    from train_runs import train_args
+
+    from kosmos.cli import main
+
+    out = tmp_path_factory.mktemp("wiring") / "run"
+    sets = ["run.max_steps=600", "data.batch_size=16", "optim.lr=3.0e-3", "data.shuffle_buffer=64"]
+    sets += ["data.shuffle_initial=64", "run.log_every=100", "run.checkpoint_every=600"]
+    assert main(train_args(shapes["tokenizer"], shapes["wiring"], out, *sets)) == 0
+    return out
