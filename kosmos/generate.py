@@ -25,7 +25,9 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint, run or converted model folder")
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", default="<grounding>An image of", help="text after the image (default %(default)r)")
+    parser.add_argument(
+        "--prompt", default="<grounding>An image of", help="text after the image (default %(default)r)"
+    )
     parser.add_argument("--out", default="", help="where to save the image with boxes (default: <image>_boxes.png)")
     parser.add_argument("--tokenizer", default="", help="tokenizer folder, if not beside the weights")
     parser.add_argument("--max-new-tokens", type=int, default=64)

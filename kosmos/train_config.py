@@ -35,6 +35,9 @@ class ModelSection:
     checkpoint: str = ""  # the folder for init: checkpoint
     clip_vision: str = ""  # a Hugging Face CLIP (vision) folder loaded into the vision tower of a scratch model
     freeze_vision: bool = False  # no gradients into the vision tower (see also optim.vision_lr_scale)
+    # Train only the last k vision blocks (and ln_post), the rest frozen; -1: all (unless freeze_vision). Kosmos-1,
+    # which Kosmos-2 continued from, kept CLIP frozen except its last layer.
+    vision_trainable_blocks: int = -1
     connector_init: str = "random"  # scratch only: "random" (HF) | "block_pool"
     loc_embed_init: str = "random"  # scratch only: "random" (HF) | "sincos"
     # Any other KosmosConfig field, e.g. {text: {dropout: 0.0}, gradient_checkpointing: true}. With init: checkpoint
@@ -120,6 +123,8 @@ class TrainConfig:
             raise ConfigError("model.init is 'checkpoint' but model.checkpoint is empty")
         if m.init == "scratch" and not self.tokenizer:
             raise ConfigError("tokenizer is empty: a model trained from scratch needs a tokenizer folder")
+        if m.vision_trainable_blocks >= 0 and m.freeze_vision:
+            raise ConfigError("model.vision_trainable_blocks and model.freeze_vision: true contradict each other")
         if r.precision not in PRECISIONS:
             raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
         if o.decay not in DECAYS:

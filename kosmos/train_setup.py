@@ -65,7 +65,22 @@ def load_tokenizer(cfg: TrainConfig) -> KosmosTokenizer:
 
 
 def build_model(cfg: TrainConfig, tokenizer: KosmosTokenizer, device: torch.device) -> KosmosModel:
-    """The model of ``cfg.model``, on ``device``: a fresh one sized to the tokenizer, or a checkpoint's."""
+    """The model of ``cfg.model``, on ``device``: a fresh one sized to the tokenizer, or a checkpoint's; with the
+    vision tower frozen in whole or in part as configured."""
+    model = _initial_model(cfg, tokenizer, device)
+    k = cfg.model.vision_trainable_blocks
+    if k >= 0:
+        blocks = model.vision.blocks
+        if k > len(blocks):
+            raise ConfigError(f"model.vision_trainable_blocks is {k}, the vision tower has {len(blocks)} blocks")
+        model.vision.requires_grad_(False)
+        for block in list(blocks)[len(blocks) - k :]:
+            block.requires_grad_(True)
+        model.vision.ln_post.requires_grad_(k > 0)
+    return model
+
+
+def _initial_model(cfg: TrainConfig, tokenizer: KosmosTokenizer, device: torch.device) -> KosmosModel:
     m = cfg.model
     overrides = dict(m.overrides)
     if m.init == "checkpoint":

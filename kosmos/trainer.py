@@ -507,7 +507,12 @@ def weight_change_summary(cfg: TrainConfig, model: KosmosModel, out: Path) -> di
     final = latest_checkpoint(out)
     if final is None or not (reference / "model.safetensors").is_file():
         return None
-    frozen = sorted({name.split(".")[0] for name, p in model.named_parameters() if not p.requires_grad})
+    from kosmos.weight_diff import SUMMARY_DEPTH, module_of
+
+    modules = {True: set(), False: set()}
+    for name, p in model.named_parameters():
+        modules[p.requires_grad].add(module_of(name, SUMMARY_DEPTH))
+    frozen = sorted(modules[False] - modules[True])  # modules none of whose parameters train
     payload = write_summary(reference, final, out / "weight_change.json", frozen)
     for problem in payload["problems"]:
         log.warning("weight change: %s", problem)

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+SUMMARY_DEPTH = 3  # the trainer's summary: per block and sub-module ("blocks.3.attn", "vision.blocks.23")
+
 
 def module_of(name: str, depth: int) -> str:
     """``blocks.3.attn.qkv.weight`` -> ``blocks.3`` at depth 2; ``embed_tokens.weight`` -> ``embed_tokens``;
@@ -129,7 +131,7 @@ def write_summary(before_dir: str | Path, after_dir: str | Path, out: str | Path
     every other module expected to have changed."""
     from kosmos.checkpoint import load_state_dict
 
-    rows = diff_state_dicts(load_state_dict(before_dir), load_state_dict(after_dir), depth=2)
+    rows = diff_state_dicts(load_state_dict(before_dir), load_state_dict(after_dir), depth=SUMMARY_DEPTH)
     trained = sorted({r["module"] for r in rows if not any(_under(r["module"], f) for f in frozen)})
     payload = {
         "before": str(before_dir),

@@ -189,3 +189,24 @@ def test_images_in_slot_order_match_the_per_row_layout():
     torch.testing.assert_close(out[1:2], text_only)
     with pytest.raises(ValueError, match="image slots in blocks"):
         model(pixels[:2], ids, slots, images_in_slot_order=True)
+
+
+def test_build_model_sizes_to_the_tokenizer_and_freezes_as_asked(tokenizer):
+    from kosmos.train_setup import build_model
+
+    def model_with(*sets):
+        cfg = load_train_config(None, ["tokenizer=tok", "data.sources=[{shards: [x.tar]}]", "model.size=tiny", *sets])
+        return build_model(cfg, tokenizer, torch.device("cpu"))
+
+    model = model_with("model.vision_trainable_blocks=1")
+    assert model.config.text.vocab_size == tokenizer.vocab_size
+    assert model.config.loc_token_start == tokenizer.loc_token_start
+    trainable = {n for n, p in model.vision.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.1.", "ln_post.")) for n in trainable)
+    assert all(p.requires_grad for p in model.blocks.parameters())
+    frozen = model_with("model.freeze_vision=true")
+    assert not any(p.requires_grad for p in frozen.vision.parameters()) and frozen.config.freeze_vision
+    with pytest.raises(ConfigError, match="contradict"):
+        model_with("model.freeze_vision=true", "model.vision_trainable_blocks=0")
+    with pytest.raises(ConfigError, match="has 2 blocks"):
+        model_with("model.vision_trainable_blocks=3")
