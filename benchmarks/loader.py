@@ -7,8 +7,8 @@ phrases), trains a small BPE on their captions, then measures
 - the loader with ``num_workers = cores`` (what the machine gives in all).
 
 The loader runs on the CPU whatever the training device, so the ``cuda`` variant measures the same thing on the GPU
-machine's CPU. The trainer's consumption rate (tiny and 1.6B sizes) goes beside these numbers in
-``trainer_consumption``, filled by the trainer's benchmark.
+machine's CPU. The trainer's consumption rate (tiny size measured, 1.6B derived from the H200 step benchmark) goes
+beside these numbers in ``trainer_consumption`` (benchmarks/trainer_consumption.py).
 """
 
 from __future__ import annotations
@@ -142,9 +142,10 @@ def _loader_rate(cfg, tokenizer, batches: int) -> dict:
     next(iterator)  # start-up (worker processes, first shuffle buffer) timed apart
     startup = time.perf_counter() - t_start
     t0 = time.perf_counter()
-    samples = 0
+    samples = tokens = 0
     for batch in itertools.islice(iterator, batches):
         samples += len(batch["keys"])
+        tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - t0
     return {
         "num_workers": cfg.num_workers,
@@ -155,6 +156,7 @@ def _loader_rate(cfg, tokenizer, batches: int) -> dict:
         "startup_s": round(startup, 3),
         "samples_per_s": round(samples / seconds, 1),
         "samples_per_s_per_worker": round(samples / seconds / max(1, cfg.num_workers), 1),
+        "tokens_per_sample": round(tokens / samples, 1),
         "counts": dict(loader.counts),
     }
 
@@ -164,6 +166,7 @@ def run(device: str) -> dict:
         import webdataset  # noqa: F401
     except ImportError:
         return {"skipped": "webdataset is not installed on this machine; the loader runs on the CPU side anyway"}
+    from benchmarks.trainer_consumption import derive_1p6b, measure_tiny
     from kosmos.data import DataConfig, SourceConfig
     from kosmos.tokenizer import KosmosTokenizer
 
@@ -207,7 +210,10 @@ def run(device: str) -> dict:
             "all_cores": parallel,
             "samples_per_s_per_worker": single["samples_per_s"],
         },
-        # Filled in by the trainer's benchmark: samples/s the training step consumes at the tiny and 1.6B sizes,
-        # to set beside loader.samples_per_s_per_worker (workers needed = consumption / per-worker rate).
-        "trainer_consumption": None,
+        # Samples/s the training step consumes at the tiny (measured) and 1.6B (derived) sizes, beside the loader's
+        # per-worker rate (workers needed = consumption / per-worker rate); benchmarks/trainer_consumption.py.
+        "trainer_consumption": {
+            "tiny": measure_tiny(),
+            "kosmos2_1.6b": derive_1p6b(single["samples_per_s"], single["tokens_per_sample"]),
+        },
     }

@@ -2,8 +2,10 @@
 ``torchrun --nproc-per-node N`` trains data-parallel (``parallel.data_parallel: ddp`` or ``fsdp``).
 
 Prints a progress line every ``run.log_every`` steps and, at the end, one JSON line with the run's summary. Exit
-status: 0 done; 1 the run stopped (repeated non-finite steps, a failed checkpoint write: the message says which, and
-``--resume`` continues from the last complete checkpoint); 2 bad config or files.
+status: 0 done; 1 the run stopped (repeated non-finite steps, a failed checkpoint write, SIGTERM/SIGINT: the message
+says which, and ``--resume`` continues from the last complete checkpoint); 2 bad config or files. On SIGTERM or
+SIGINT (a cluster's pre-emption notice, Ctrl-C) the current step is finished and a checkpoint saved first; a second
+signal stops at once.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from grit_pipeline.config import ConfigError
     from kosmos.train_config import load_train_config
+    from kosmos.train_run import run_training
     from kosmos.train_state import CheckpointError
-    from kosmos.trainer import TrainingError, run_training
+    from kosmos.trainer import TrainingError
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(

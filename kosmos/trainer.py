@@ -1,17 +1,13 @@
-"""The training loop: one function, :func:`run_training`, from a :class:`~kosmos.train_config.TrainConfig` to a
-trained checkpoint, alone or under ``torchrun`` (DDP, or FSDP via :mod:`kosmos.parallelize`).
+"""The training loop: :class:`Trainer` runs updates, logs, evaluates and checkpoints one run.
+:func:`kosmos.train_run.run_training` builds it from a config.
 
 One update = ``run.grad_accum`` micro-batches per rank. The loss is the mean over every target token of the update
 (all micro-batches, all ranks): each micro-batch's summed loss is scaled by ``world_size / targets_in_update``
 before ``backward`` (DDP then averages over ranks), so accumulation and data parallelism change nothing but speed.
 Then the gradient norm is clipped, and a step whose loss or gradient norm is not finite on any rank is skipped
 (gradients dropped, the schedule does not advance) and counted; ``run.max_consecutive_nonfinite`` such steps in a
-row stop the run with an error naming the step and the batch's sample keys.
-
-Exact resume: the model, AdamW state, step, the loader's position (per rank) and every RNG state (per rank) are in
-the checkpoint; on resume the loader is restarted at its position, and the RNG states are restored *after* the
-DataLoader has started (starting it draws a seed from torch's generator), so the resumed run draws the same dropout
-masks as the uninterrupted one.
+row stop the run with an error naming the step and the batch's sample keys. SIGTERM/SIGINT (``request_stop``)
+finish the step, save a checkpoint and stop; every rank decides together, in the same all-reduce.
 """
 
 from __future__ import annotations
@@ -19,38 +15,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from grit_pipeline.config import ConfigError, dump_config
-from kosmos.checkpoint import load_state_dict, save_checkpoint, save_model
+from grit_pipeline.config import dump_config
+from kosmos.checkpoint import save_checkpoint
 from kosmos.model import IGNORE_INDEX, KosmosModel
-from kosmos.parallelize import parallelize
 from kosmos.tokenizer import KosmosTokenizer
 from kosmos.train_config import TrainConfig
 from kosmos.train_log import MetricsLogger, format_progress
-from kosmos.train_setup import Dist, build_model, load_tokenizer, lr_factor, make_optimizer, setup_distributed
+from kosmos.train_setup import Dist, lr_factor
 from kosmos.train_state import (
     CONFIG_YAML,
     TOKENIZER_DIR,
     finalize_checkpoint,
     latest_checkpoint,
-    read_optimizer_state,
-    read_rank_files,
-    read_trainer_state,
-    remove_incomplete,
-    restore_rng_state,
+    step_dir_name,
     temporary_dir,
     write_rank_files,
     write_state_files,
@@ -58,11 +46,13 @@ from kosmos.train_state import (
 
 log = logging.getLogger(__name__)
 
-INITIAL_WEIGHTS_DIR = "initial"
-
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (repeated non-finite steps, a failed checkpoint write); the message says why."""
+
+
+class TrainingStopped(TrainingError):
+    """SIGTERM or SIGINT: the run finished its step, saved a checkpoint and stopped; ``--resume`` continues."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,6 +68,7 @@ class StepStats:
     samples: int
     grad_norm: float
     finite: bool
+    stop: bool = False  # a rank received SIGTERM/SIGINT
 
 
 class Trainer:
@@ -108,6 +99,7 @@ class Trainer:
         amp = cfg.run.precision == "bf16"
         self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp)
         self.start_step = 0
+        self.stop_signal: int | None = None
 
     # ----- one update -----
 
@@ -152,10 +144,12 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
             norm = norm.full_tensor()
-        ok = (torch.isfinite(loss_sum) & torch.isfinite(norm)).float().reshape(1)
+        # One all-reduce decides for every rank: skip if any rank is not finite, stop if any rank was signalled.
+        finite = torch.isfinite(loss_sum) & torch.isfinite(norm.to(loss_sum.device))
+        ok = torch.stack([finite, torch.tensor(self.stop_signal is None, device=finite.device)]).float()
         if self.env.world_size > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        finite = bool(ok.item())
+        finite, go_on = (bool(v) for v in ok.tolist())
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -166,6 +160,7 @@ class Trainer:
             samples=sum(len(b["keys"]) for b in micro_batches),
             grad_norm=float(norm),
             finite=finite,
+            stop=not go_on,
         )
 
     def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
@@ -196,6 +191,8 @@ class Trainer:
             stats = self.train_step(micro)
             self.train_seconds += time.perf_counter() - t0
             if not stats.finite:
+                if stats.stop:
+                    self._stop(loader)
                 self._handle_nonfinite(stats, micro)
                 continue
             self.consecutive_nonfinite = 0
@@ -211,10 +208,26 @@ class Trainer:
                 t_window = time.perf_counter()
             if evaluate is not None and self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
                 evaluate(self.step)
+            if stats.stop:
+                self._stop(loader)
             if self.step % run.checkpoint_every == 0 and self.step != stop_step:
                 self.save(loader)
         if self.last_saved != self.step:
             self.save(loader)
+
+    def request_stop(self, signum: int, frame: Any = None) -> None:
+        """Signal handler: finish the current step, save, stop. A second signal gets the default behaviour."""
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def _stop(self, loader: Any) -> None:
+        if self.last_saved != self.step:
+            self.save(loader)
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another rank"
+        raise TrainingStopped(
+            f"stopped by {name} at step {self.step}; checkpoint {step_dir_name(self.step)} is saved, "
+            "and --resume continues from it"
+        )
 
     def _handle_nonfinite(self, stats: StepStats, micro: list[dict[str, Any]]) -> None:
         self.nonfinite_skipped += 1
@@ -336,184 +349,3 @@ class Trainer:
         self.samples_seen = int(state["samples_seen"])
         self.train_seconds = float(state["train_seconds"])
         self.last_saved = self.step
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train as ``cfg`` says (continuing from the run folder's latest checkpoint with ``resume``); returns the
-    run's summary. Under torchrun every rank calls this."""
-    env = setup_distributed(cfg.run.device)
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        return _run(cfg, resume, env)
-    finally:  # process-wide settings go back to what they were (the trainer may run inside a larger program)
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-        if env.owns_group:
-            dist.destroy_process_group()
-
-
-def _run(cfg: TrainConfig, resume: bool, env: Dist) -> dict[str, Any]:
-    from kosmos.data import make_loader
-
-    run = cfg.run
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    if run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    out = Path(run.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in remove_incomplete(out):
-            log.warning("removed %s, left by an interrupted checkpoint write", name)
-    env.barrier()
-    found = latest_checkpoint(out)
-    if found is not None and not resume:
-        raise ConfigError(f"{out} already holds checkpoints (latest {found.name}): pass --resume, or a new output_dir")
-    resume_from = found if resume else None
-    if resume and resume_from is None and env.is_main:
-        log.warning("--resume: no checkpoint in %s yet, starting from the beginning", out)
-
-    tokenizer = load_tokenizer(cfg)
-    seed_everything(run.seed)  # the same initial weights on every rank
-    model = build_model(cfg, tokenizer, env.device)
-    seq = cfg.data.sequence  # sequences must have the model's geometry
-    seq.image_size = model.config.vision.image_size
-    seq.num_image_tokens = model.config.latent_query_num
-    seq.num_bins = model.config.loc_bins
-    state = read_trainer_state(resume_from) if resume_from is not None else None
-    if state is not None:
-        if state["world_size"] != env.world_size:
-            raise ConfigError(
-                f"{resume_from} was saved by {state['world_size']} ranks, this run has {env.world_size}: resuming "
-                "exactly needs the same number (the loader's position is per rank)"
-            )
-        model.load_state_dict(load_state_dict(resume_from, env.device), strict=True)
-    elif env.is_main and cfg.model.init == "scratch" and run.save_initial_weights:
-        save_model(model, out / INITIAL_WEIGHTS_DIR)
-    if env.is_main:
-        dump_config(cfg, out / "config.yaml")
-    module = parallelize(model, cfg.parallel, env.device)
-    optimizer = make_optimizer(model, cfg.optim)
-    logger = MetricsLogger(out, env.is_main, run.tensorboard, state["step"] if state else None)
-    trainer = Trainer(cfg, model, module, optimizer, tokenizer, env, logger)
-    data_state = rng = None
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        optim_state = read_optimizer_state(resume_from)
-        if optim_state is not None:
-            options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=options)
-        trainer.load_counters(state)
-        rng_tensors, rank_meta = read_rank_files(resume_from, env.rank)
-        data_state, rng = rank_meta["data"], (rng_tensors, rank_meta["rng"])
-    trainer.start_step = trainer.step
-    loader = make_loader(cfg.data, tokenizer, env.rank, env.world_size, state=data_state)
-    # Start the loader (its DataLoader draws a seed from torch's generator) before the RNG states are set, so a
-    # resumed run continues the uninterrupted run's random streams exactly.
-    stream = iter(loader)
-    first = next(stream)
-    if rng is not None:
-        restore_rng_state(*rng)
-    else:
-        seed_everything(run.seed + 1 + env.rank)  # dropout differs across ranks
-    batches = chain([first], stream)
-    evaluate = make_evaluator(cfg, model, tokenizer, env, logger)
-    stop = run.stop_at_step or run.max_steps
-    logger.print(
-        f"training {model.num_parameters():,} parameters ({model.num_parameters(trainable_only=True):,} trainable) "
-        f"on {env.world_size} x {env.device.type}, steps {trainer.step + 1}..{stop} of {run.max_steps}"
-    )
-    try:
-        trainer.fit(batches, loader, stop, evaluate)
-        if evaluate is not None and (not cfg.eval.every or trainer.step % cfg.eval.every):
-            evaluate(trainer.step)
-    finally:
-        logger.close()
-    summary = {
-        "step": trainer.step,
-        "max_steps": run.max_steps,
-        "checkpoint": str(latest_checkpoint(out)) if env.is_main else None,
-        "nonfinite_skipped": trainer.nonfinite_skipped,
-        "samples_seen": trainer.samples_seen,
-        "tokens_seen": trainer.tokens_seen,
-        "train_seconds": round(trainer.train_seconds, 3),
-        "data_counts": dict(loader.counts),
-    }
-    if env.world_size > 1:  # lets a person (and the tests) see that the ranks hold the same weights
-        summary["rank"] = env.rank
-        summary["param_checksum"] = parameter_checksum(model)
-    if env.is_main:
-        summary["weight_change"] = weight_change_summary(cfg, model, out)
-    return summary
-
-
-def parameter_checksum(model: torch.nn.Module) -> float:
-    """Sum of every parameter value (float64): equal on every rank when data parallelism keeps them in sync."""
-    total = 0.0
-    for p in model.parameters():
-        data = p.full_tensor() if hasattr(p, "full_tensor") else p
-        total += float(data.detach().double().sum())
-    return total
-
-
-def make_evaluator(
-    cfg: TrainConfig, model: KosmosModel, tokenizer: KosmosTokenizer, env: Dist, logger: MetricsLogger
-) -> Callable[[int], None] | None:
-    """``evaluate(step)``: grounding accuracy and loss on ``eval.shards``, logged as kind "eval". Rank 0 evaluates
-    (every rank under FSDP, whose forward needs them all); the others wait."""
-    if not cfg.eval.shards:
-        return None
-    from kosmos.grounding_eval import evaluate_samples, read_eval_samples
-
-    evaluates = env.is_main or cfg.parallel.data_parallel == "fsdp"
-    samples = []
-    if evaluates:
-        samples, _ = read_eval_samples(cfg.eval.shards, tokenizer, cfg.data.sequence, cfg.eval.max_samples)
-    amp = cfg.run.precision == "bf16"
-
-    def evaluate(step: int) -> None:
-        if evaluates:
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
-                result = evaluate_samples(model, tokenizer, samples, cfg.eval.batch_size)
-            baselines = result.pop("baselines", {})
-            record = {"step": step, **result, **{f"baseline_{k}": v for k, v in baselines.items()}}
-            logger.log(record, kind="eval")
-            logger.print(
-                f"eval step {step}: loss {result['loss']:.4f} | grounding accuracy {result['accuracy']:.3f} "
-                f"(mean box {baselines.get('mean_box', 0):.3f}, centred box {baselines.get('centred_box', 0):.3f})"
-            )
-        env.barrier()
-
-    return evaluate
-
-
-def weight_change_summary(cfg: TrainConfig, model: KosmosModel, out: Path) -> dict[str, Any] | None:
-    """``weight_change.json``: what training changed, per module, against the weights the run started from."""
-    from kosmos.weight_diff import write_summary
-
-    reference = Path(cfg.model.checkpoint) if cfg.model.init == "checkpoint" else out / INITIAL_WEIGHTS_DIR
-    final = latest_checkpoint(out)
-    if final is None or not (reference / "model.safetensors").is_file():
-        return None
-    from kosmos.weight_diff import SUMMARY_DEPTH, module_of
-
-    modules = {True: set(), False: set()}
-    for name, p in model.named_parameters():
-        modules[p.requires_grad].add(module_of(name, SUMMARY_DEPTH))
-    frozen = sorted(modules[False] - modules[True])  # modules none of whose parameters train
-    payload = write_summary(reference, final, out / "weight_change.json", frozen)
-    for problem in payload["problems"]:
-        log.warning("weight change: %s", problem)
-    return {"file": str(out / "weight_change.json"), "problems": payload["problems"]}

@@ -117,3 +117,27 @@ def test_sigkill_during_a_checkpoint_write_then_resume(shapes, tmp_path):
     assert not partial.exists()
     assert latest_checkpoint(out).name == "step_00000006"
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_finishes_the_step_saves_and_stops(shapes, tmp_path):
+    """A pre-emption notice: the run saves a checkpoint at the step it was on, exits 1, and resumes from it."""
+    out = tmp_path / "run"
+    sets = ("run.max_steps=100000", "run.log_every=5", "data.num_workers=1")
+    args = train_args(shapes["tokenizer"], shapes["train"], out, *SMALL, *sets)
+    proc = subprocess.Popen([sys.executable, "-m", "kosmos", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 10/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+); checkpoint (step_\d+) is saved", err)
+    assert stopped, err[-2000:]
+    assert int(stopped.group(1)) >= 10 and latest_checkpoint(out).name == stopped.group(2)
+    step = int(stopped.group(1))
+    assert run_train(shapes, out, *sets, f"run.stop_at_step={step + 2}", resume=True) == 0
+    assert latest_checkpoint(out).name == f"step_{step + 2:08d}"
