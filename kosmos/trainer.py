@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from grit_pipeline.config import dump_config
 from kosmos.checkpoint import save_checkpoint
+from kosmos.convert import SIDE_FILES
 from kosmos.model import IGNORE_INDEX, KosmosModel
 from kosmos.tokenizer import KosmosTokenizer
 from kosmos.train_config import TrainConfig
@@ -309,6 +310,10 @@ class Trainer:
                 save_checkpoint(tmp, model_sd, self.model.config, metadata={"step": str(step)})
                 self._fault("model")
                 self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+                if self.cfg.model.init == "checkpoint":  # processor files travel on (`kosmos convert --to-hf`)
+                    for name in SIDE_FILES:
+                        if (Path(self.cfg.model.checkpoint) / name).is_file():
+                            shutil.copy2(Path(self.cfg.model.checkpoint) / name, tmp / name)
                 dump_config(self.cfg, tmp / CONFIG_YAML)
             write_rank_files(tmp, env.rank, loader.state_dict() if loader is not None else None)
             env.barrier()

@@ -56,7 +56,9 @@ def test_finetune_a_converted_checkpoint_with_a_frozen_vision_tower(shapes, conv
     assert change["before"] == str(converted) and change["frozen"][0].startswith("vision")
     assert all(r["changed"] == 0 for m, r in rows.items() if m.startswith("vision"))
     assert all(r["changed"] > 0 for m, r in rows.items() if not m.startswith("vision"))
-    assert (out / "checkpoints" / "step_00000004" / "tokenizer" / "tokenizer.json").is_file()
+    final = out / "checkpoints" / "step_00000004"
+    assert (final / "tokenizer" / "tokenizer.json").is_file()
+    assert (final / "processor_config.json").is_file()  # the processor files go on, for `kosmos convert --to-hf`
     capsys.readouterr()
     check = ["diff-checkpoints", str(converted), str(out), "--expect-frozen", "vision", "--expect-trained", "blocks"]
     assert main(check) == 0
