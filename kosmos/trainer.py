@@ -274,7 +274,8 @@ class Trainer:
     # ----- checkpoints -----
 
     def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Full model and optimizer state dicts, keyed by parameter name (collective under FSDP)."""
+        """Full model and optimizer state dicts, keyed by parameter name, on rank 0 (collective under FSDP; the
+        other ranks get empty dicts)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -283,6 +284,8 @@ class Trainer:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         fsdp = self.cfg.parallel.data_parallel == "fsdp"
+        if not fsdp and not self.env.is_main:  # replicated: rank 0's copy is the one written
+            return {}, {}
         model_sd = get_model_state_dict(self.model, options=options) if fsdp else self.model.state_dict()
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         return model_sd, optim_sd

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 from kosmos_shards import CAPTIONS_WITH_TAGS, CORPUS
@@ -50,18 +51,24 @@ def hf_folders(tmp_path_factory):
 # Training tests: one synthetic shapes corpus (tests/kosmos/shapes_corpus.py) and its tokenizer for the session.
 # ---------------------------------------------------------------------------------------------------------------
 
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCENES = 3000
 HELDOUT_SCENES = 200
 WIRING_SCENES = 64
 
 
 @pytest.fixture(scope="session")
-def shapes(tmp_path_factory):
-    """Shards of shape scenes: ``train`` (3,000 scenes, one or two shapes), ``heldout`` (200 others) and ``wiring``
-    (64 one-shape scenes); a tokenizer trained on the training captions with ``kosmos tokenizer train``."""
+def shapes(tmp_path_factory, spacy_model_name):
+    """A GRIT corpus of shape scenes made by ``grit build`` with the ``annotations`` source (boxes that come with the
+    input): ``train`` (3,000 scenes, one or two shapes), ``heldout`` (200 others) and ``wiring`` (64 one-shape
+    scenes), one input file each, so each set has its own shards; and a tokenizer trained on the training captions
+    with ``kosmos tokenizer train``."""
+    import importlib.util
+    import subprocess
+    import sys
     from pathlib import Path
 
-    from shapes_corpus import scenes, write_shards
+    from shapes_corpus import scenes, write_build_input, write_shards
 
     from kosmos.cli import main
 
@@ -69,12 +76,29 @@ def shapes(tmp_path_factory):
     sets = {
         "train": scenes(TRAIN_SCENES, seed=1),
         "heldout": scenes(HELDOUT_SCENES, seed=2),
-        "wiring": scenes(WIRING_SCENES, seed=3, max_shapes=1),
+        # One shape, named alone ("a red circle"): twelve captions for 64 scenes, so a caption never singles out a
+        # scene and fitting the set takes the image (the templates' suffixes would, through the expressions).
+        "wiring": scenes(WIRING_SCENES, seed=3, max_shapes=1, templates=("{}",)),
     }
-    out = {"root": root}
-    for name, items in sets.items():
-        write_shards(root / name, items, per_shard=500, prefix=name[0])
-        out[name] = str(root / name / "*.tar")
+    corpus = root / "corpus"
+    out = {"root": root, "corpus": str(corpus)}
+    if importlib.util.find_spec("grit_pipeline.build") is None:  # until grit build is on this branch
+        for name, items in sets.items():
+            write_shards(corpus / name, items, per_shard=1000, prefix=name)
+            out[name] = str(corpus / name / "*.tar")
+        (corpus / "manifest.json").write_text('{"detector": {"kind": "annotations"}}')
+    else:
+        inputs = [str(write_build_input(root / "input", items, name)) for name, items in sets.items()]
+        command = [sys.executable, "-m", "grit_pipeline", "build", "--config", str(REPO / "configs/default.yaml")]
+        command += [arg for path in inputs for arg in ("--input", path)] + ["--output", str(corpus)]
+        overrides = ["detector.kind=annotations", f"text.spacy_model={spacy_model_name}"]
+        for item in [*overrides, "output.samples_per_shard=1000", "output.progress_interval_s=0"]:
+            command += ["--set", item]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # Shards follow the input files: 3 of train (1,000 samples each), then heldout, then wiring.
+        out.update(train=str(corpus / "{00000..00002}.tar"), heldout=str(corpus / "00003.tar"))
+        out["wiring"] = str(corpus / "00004.tar")
     code = main(["tokenizer", "train", "--shards", out["train"], "--vocab-size", "300", "--out", str(root / "tok")])
     assert code == 0
     out["tokenizer"] = str(root / "tok")

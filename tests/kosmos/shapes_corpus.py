@@ -5,6 +5,10 @@ shape in one scene) of random size at random places on a grey background. Captio
 templates ("a red circle", "a red circle and a blue square on a grey background", ...), none of which says where
 anything is, so the text alone cannot tell the box: only the image can.
 
+Through ``grit build`` a phrase followed by a template's suffix becomes a longer referring expression ("a blue square
+on a grey background": the suffix is in the noun's subtree); the expression is what the model is trained and
+evaluated on, as for any GRIT corpus.
+
 ``write_build_input`` writes the scenes as ``grit build`` input for the annotations source (a JSONL table with
 image paths and ``annotations`` of caption spans and boxes); ``write_shards`` writes GRIT shards directly in the
 record format (docs/format.md), for tests that need shards but not the pipeline.
@@ -26,7 +30,9 @@ SHAPES = ("circle", "square", "triangle")
 TEMPLATES = ("{}", "{} on a grey background", "{} in a small picture")
 
 
-def draw_scene(rng: random.Random, size: int = 64, max_shapes: int = 2) -> tuple[Image.Image, str, list]:
+def draw_scene(
+    rng: random.Random, size: int = 64, max_shapes: int = 2, templates: tuple[str, ...] = TEMPLATES
+) -> tuple[Image.Image, str, list]:
     """``(image, caption, [(start, end, (x1, y1, x2, y2)), ...])`` with boxes normalised to the image."""
     image = Image.new("RGB", (size, size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
@@ -48,7 +54,7 @@ def draw_scene(rng: random.Random, size: int = 64, max_shapes: int = 2) -> tuple
             draw.polygon([(x + side / 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)], fill=COLOURS[colour])
         objects.append((f"a {colour} {shape}", (x / size, y / size, (x + side) / size, (y + side) / size)))
     body = " and ".join(text for text, _ in objects)
-    template = rng.choice(TEMPLATES)
+    template = rng.choice(templates)
     caption = template.format(body)
     offset = template.index("{}")
     spans = []
@@ -59,9 +65,11 @@ def draw_scene(rng: random.Random, size: int = 64, max_shapes: int = 2) -> tuple
     return image, caption, spans
 
 
-def scenes(count: int, seed: int, size: int = 64, max_shapes: int = 2) -> list[tuple[Image.Image, str, list]]:
+def scenes(
+    count: int, seed: int, size: int = 64, max_shapes: int = 2, templates: tuple[str, ...] = TEMPLATES
+) -> list[tuple[Image.Image, str, list]]:
     rng = random.Random(seed)
-    return [draw_scene(rng, size, max_shapes) for _ in range(count)]
+    return [draw_scene(rng, size, max_shapes, templates) for _ in range(count)]
 
 
 def _png(image: Image.Image) -> bytes:

@@ -79,7 +79,7 @@ def test_repeated_non_finite_steps_stop_the_run_naming_step_and_keys(shapes, tmp
     err = capsys.readouterr().err
     assert "stopping at step 3: 3 consecutive steps with a non-finite loss or gradient" in err
     keys = read_metrics(out, "skip")[-1]["keys"]
-    assert len(keys) == 8 and all(re.fullmatch(r"t\d{6}", k) for k in keys)
+    assert len(keys) == 8 and all(re.fullmatch(r"train\d{6}", k) for k in keys)
     assert f"sample keys {keys}" in err
 
 
