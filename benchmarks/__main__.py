@@ -22,6 +22,7 @@ BENCHMARKS = {
     "stats": ("benchmarks.stats_report", ("cpu",)),
     "kosmos_step": ("benchmarks.kosmos_step", ("cpu", "cuda")),
     "loader": ("benchmarks.loader", ("cpu", "cuda")),
+    "trainer_gpu": ("benchmarks.trainer_gpu", ("cuda",)),
 }
 
 

@@ -2,6 +2,8 @@
 # The GPU half of the benchmarks, for one H100/H200, in under 10 minutes:
 #   grounding    Grounding DINO-T size (random weights), bf16, batch sweep, vs the model-card loop
 #   kosmos_step  Kosmos-2 1.6B training step, ours vs Hugging Face, bf16, with MFU
+#   trainer_gpu  the trainer's CUDA paths: bf16 + accumulation + skip of a poisoned step (tiny), FSDP + compile +
+#                fused AdamW + checkpoint and resume (kosmos2-base; TRAINER_GPU_SIZE=kosmos2-1.6b for the paper's)
 # Imports only torch, transformers, numpy, pillow and this repository's modules.
 # Usage: benchmarks/gpu.sh [OUT_DIR]   (default: $OUT if set, else benchmarks/results)
 set -uo pipefail
@@ -16,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
   | tee -a "$OUT_DIR/gpu_info.txt"
 
 status=0
-for name in grounding kosmos_step; do
+for name in grounding kosmos_step trainer_gpu; do
   budget="${BENCH_BUDGET_S:-270}"
   timeout --signal=INT "$budget" "$PY" -m benchmarks run --device cuda --only "$name" --out "$OUT_DIR" \
     2>&1 | tee "$OUT_DIR/${name}_cuda.log" || status=1

@@ -4,6 +4,7 @@ weight-change summary, grounding-eval geometry, and the model's slot-order image
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -229,3 +230,19 @@ def test_checkpoint_loading_never_unpickles():
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not {"pickle", "dill", "cloudpickle"} & set(names), f"{path.name}:{node.lineno}"
     assert calls >= 1  # convert.py reads pytorch_model.bin this way
+
+
+def test_the_gpu_check_script_runs_without_the_shard_readers():
+    """benchmarks/trainer_gpu.py, as the GPU machine runs it (no webdataset, no braceexpand), on the tiny size."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json; sys.modules['webdataset'] = None; sys.modules['braceexpand'] = None\n"
+        "from benchmarks.trainer_gpu import run; print(json.dumps(run('cpu')))"
+    )
+    env = {**os.environ, "TRAINER_GPU_SMOKE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["stubbed_modules"] == ["webdataset", "braceexpand"] and result["all_checks_pass"], result
