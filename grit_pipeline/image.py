@@ -116,7 +116,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
             elif mode == "F" and top <= 1.0:
                 arr = arr * 255.0
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")  # uint8 (H, W): mode L
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
         mode = "RGBA"

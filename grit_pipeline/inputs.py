@@ -326,11 +326,17 @@ def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bo
             tf.members.clear()  # tarfile keeps every header otherwise: memory grows with the tar
             members += 1
             if members > cfg.max_tar_members:
+                detail = f"more than input.max_tar_members={cfg.max_tar_members} members; the rest is not read"
+                logger.warning("%s: %s", source, detail)
+                if group_key is not None and split_member_name(member.name)[0] == group_key:
+                    # The bound cuts this sample in two: it is incomplete, and stands for the unread rest.
+                    if not group["skip"]:
+                        group["bad"] = ("too_many_members", detail)
+                    yield finish()
+                    return
                 done = finish()
                 if done is not None:
                     yield done
-                detail = f"more than input.max_tar_members={cfg.max_tar_members} members; the rest is not read"
-                logger.warning("%s: %s", source, detail)
                 yield single(f"{posixpath.basename(source)}_member_{members}", "too_many_members", detail)
                 return
             if member.isdir():
@@ -375,7 +381,7 @@ def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bo
         logger.warning("%s: tar unreadable after %d members: %s", source, members, exc)
         if group_key is not None:
             if not group.get("skip"):
-                group["bad"] = f"tar unreadable here: {exc}"
+                group["bad"] = ("bad_input", f"tar unreadable here: {exc}")
         else:
             yield single(f"{posixpath.basename(source)}_unreadable_{members}", "bad_input", f"tar unreadable: {exc}")
     done = finish()
@@ -391,7 +397,7 @@ def _tar_sample(key: str, group: dict[str, Any], source: str) -> InputSample | N
     if group.get("ignored"):
         sample.counters["members_ignored"] = group["ignored"]
     if "bad" in group:
-        sample.drop_reason, sample.detail = "bad_input", group["bad"]
+        sample.drop_reason, sample.detail = group["bad"]
         return sample
     if "too_large" in group:
         sample.drop_reason, sample.detail = "member_too_large", group["too_large"]

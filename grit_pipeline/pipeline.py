@@ -337,6 +337,7 @@ def run_build(
             )
         manifest.update(status="complete", id_type=writer.id_type, shards=len(all_stats), totals=dict(counts))
         write_manifest(out_dir, manifest)
+        writer.close()
         wall = time.monotonic() - t_start
         print(summary_table(counts, seconds, wall, len(all_stats), "complete", manifest["warnings"]), file=stream)
         return BuildOutcome(

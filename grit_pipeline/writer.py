@@ -456,6 +456,11 @@ class ShardWriter:
         """Whether every input file is wholly covered by complete shards."""
         return self.cursor[0] >= len(self.input_paths)
 
+    def close(self) -> None:
+        """End of a complete run: remove the (empty) temporary folder."""
+        self.abort()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
     def abort(self) -> None:
         """Close and delete the spool files (a failed run); complete shards are untouched."""
         for buf in self.buffers.values():
