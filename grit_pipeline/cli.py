@@ -21,7 +21,9 @@ def dispatch(prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str]
     """Shared by ``grit`` and ``kosmos``: pick the subcommand, import its module, parse and run it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = "\n".join(f"  {name:<12}{help_}" for name, (_, help_) in subcommands.items())
-    usage = f"usage: {prog} <command> [options]\n\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
+    usage = (
+        f"usage: {prog} <command> [options]\n\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

@@ -170,7 +170,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     Raises :class:`ConfigError` naming the offending key for unknown keys, bad types and malformed overrides.
     """
     data: dict[str, Any] = {}
-    source = "defaults"
+    source = "config"
     if path is not None:
         source = str(path)
         text = Path(path).read_text(encoding="utf-8")

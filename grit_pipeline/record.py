@@ -254,8 +254,9 @@ def record_from_json(text: str | bytes) -> GritRecord:
 ENTRY_TYPE = pa.list_(pa.list_(pa.float64()))  # GRIT-20M stores the 7-tuples as lists of doubles
 
 
-def index_schema(id_type: pa.DataType = pa.int64()) -> pa.Schema:
-    """Schema of ``<shard>.parquet``. ``id_type`` is int64 or string, one per corpus."""
+def index_schema(id_type: pa.DataType | None = None) -> pa.Schema:
+    """Schema of ``<shard>.parquet``. ``id_type`` is int64 (default) or string, one per corpus."""
+    id_type = pa.int64() if id_type is None else id_type
     return pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
@@ -280,7 +281,7 @@ def index_schema(id_type: pa.DataType = pa.int64()) -> pa.Schema:
     )
 
 
-def index_rows_to_table(rows: Iterable[Mapping[str, Any]], id_type: pa.DataType = pa.int64()) -> pa.Table:
+def index_rows_to_table(rows: Iterable[Mapping[str, Any]], id_type: pa.DataType | None = None) -> pa.Table:
     """Rows (dicts with record fields + ``status``/``drop_reason`` and any of our additions) to an Arrow table."""
     schema = index_schema(id_type)
     columns: dict[str, list[Any]] = {f.name: [] for f in schema}
@@ -290,7 +291,7 @@ def index_rows_to_table(rows: Iterable[Mapping[str, Any]], id_type: pa.DataType 
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def records_to_table(records: Iterable[GritRecord], id_type: pa.DataType = pa.int64()) -> pa.Table:
+def records_to_table(records: Iterable[GritRecord], id_type: pa.DataType | None = None) -> pa.Table:
     """Kept records as index rows."""
     rows = []
     for rec in records:

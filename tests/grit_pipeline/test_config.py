@@ -1,0 +1,75 @@
+"""Typed configs: YAML into dataclasses, dotted overrides, unknown keys and bad types rejected by name."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from grit_pipeline.config import ConfigError, GritConfig, dump_config, load_config
+
+
+def test_defaults_match_the_spec():
+    cfg = load_config(GritConfig)
+    assert cfg.text.spacy_model == "en_core_web_sm"
+    assert cfg.detector.model == "IDEA-Research/grounding-dino-tiny"
+    assert cfg.detector.box_threshold == 0.35
+    assert cfg.detector.nms_iou == 0.5
+    assert cfg.detector.max_boxes_per_phrase == 4
+    assert cfg.image.max_pixels == 89_478_485
+    assert cfg.image.min_side == 32
+    assert cfg.text.max_caption_chars == 1000
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("detector:\n  box_threshold: 0.5\n  device: cpu\ntext:\n  drop_pronouns: false\n")
+    cfg = load_config(
+        GritConfig,
+        path,
+        ["detector.box_threshold=0.65", "output.samples_per_shard=10", "text.abstract_nouns=[time, love]"],
+    )
+    assert cfg.detector.box_threshold == 0.65
+    assert cfg.detector.device == "cpu"
+    assert cfg.text.drop_pronouns is False
+    assert cfg.output.samples_per_shard == 10
+    assert cfg.text.abstract_nouns == ["time", "love"]
+    assert isinstance(cfg.detector.nms_iou, float)
+
+
+def test_int_is_accepted_for_float():
+    cfg = load_config(GritConfig, overrides=["detector.box_threshold=1"])
+    assert cfg.detector.box_threshold == 1.0 and isinstance(cfg.detector.box_threshold, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "detector.box_treshold=0.3",
+            r"unknown key 'detector.box_treshold' \(known keys in detector: .*box_threshold",
+        ),
+        ("nope=1", "unknown key 'nope'"),
+        ("detector.batch_size=big", "'detector.batch_size' must be an integer"),
+        ("text.drop_pronouns=3", "must be true or false"),
+        ("detector.box_threshold.x=1", "'detector.box_threshold' must be a number"),
+        ("novalue", "must look like key.sub=value"),
+    ],
+)
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(GritConfig, overrides=[override])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("text:\n  spacy_modle: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'text.spacy_modle'"):
+        load_config(GritConfig, path)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(GritConfig, overrides=["detector.dtype=bf16", "ray.address=auto"])
+    path = tmp_path / "resolved.yaml"
+    dump_config(cfg, path)
+    assert yaml.safe_load(path.read_text())["detector"]["dtype"] == "bf16"
+    assert load_config(GritConfig, path) == cfg

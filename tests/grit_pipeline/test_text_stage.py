@@ -1,0 +1,124 @@
+"""The text stage on the real en_core_web_sm parse, the `grit phrases` command, and a property test over captions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from grit_pipeline.config import TextConfig
+from grit_pipeline.text import SpacyModelMissing, TextStage, load_spacy
+
+
+@pytest.fixture(scope="module")
+def stage(spacy_model_name):
+    return TextStage(TextConfig(spacy_model=spacy_model_name)).setup()
+
+
+def test_real_parse_of_the_paper_example(stage):
+    (result,) = stage(["a dog in a field of flowers"])
+    caption = result.caption
+    assert [c.text for c in result.chunks] == ["a dog", "a field", "flowers"]
+    assert caption[result.chunks[0].expr_start : result.chunks[0].expr_end] == "a dog in a field of flowers"
+
+
+def test_real_parse_conjunct_and_filters(stage):
+    results = stage(["a cat and a dog on a sofa", "Happiness is a warm puppy", "she holds it in her hands"])
+    cat = results[0].chunks[0]
+    assert (cat.text, results[0].caption[cat.expr_start : cat.expr_end]) == ("a cat", "a cat")
+    assert [(d.text, d.reason) for d in results[1].dropped_chunks] == [("Happiness", "abstract_noun")]
+    assert [c.text for c in results[1].chunks] == ["a warm puppy"]
+    assert [d.reason for d in results[2].dropped_chunks] == ["pronoun", "pronoun"]
+    assert [c.text for c in results[2].chunks] == ["her hands"]
+
+
+def test_stage_counts_and_drop_reasons(stage):
+    before = dict(stage.counts)
+    results = stage([None, "   ", "x" * 5000, "it", "two red apples on a plate"])
+    assert [r.drop_reason for r in results] == [
+        "missing_caption",
+        "empty_caption",
+        "caption_too_long",
+        "no_noun_chunks",
+        None,
+    ]
+    delta = {k: stage.counts[k] - before.get(k, 0) for k in stage.counts}
+    assert delta["captions"] == 5
+    assert delta["dropped_missing_caption"] == delta["dropped_empty_caption"] == 1
+    assert delta["chunks_filtered_pronoun"] == 1
+    assert delta["chunks_kept"] == 2
+
+
+def test_offsets_index_the_normalised_caption(stage):
+    (result,) = stage(["  A\tbrown   dog\u200b on\nthe beach  "])
+    assert result.caption == "A brown dog on the beach"
+    for c in result.chunks:
+        assert result.caption[c.start : c.end] == c.text
+
+
+def test_missing_model_names_the_install_command():
+    with pytest.raises(SpacyModelMissing, match=r"python -m spacy download en_core_web_xx_missing"):
+        load_spacy("en_core_web_xx_missing")
+
+
+def test_unused_components_are_disabled(stage):
+    assert "ner" not in stage.nlp.pipe_names
+    assert {"parser", "lemmatizer"} <= set(stage.nlp.pipe_names)
+
+
+def test_grit_phrases_command(spacy_model_name):
+    out = subprocess.run(
+        [sys.executable, "-m", "grit_pipeline", "phrases", "--model", spacy_model_name, "a dog in a field of flowers"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (line,) = out.strip().splitlines()
+    view = json.loads(line)
+    assert [c["text"] for c in view["noun_chunks"]] == ["a dog", "a field", "flowers"]
+    assert view["ref_exps"][0] == {"start": 0, "end": 27, "text": "a dog in a field of flowers", "chunk": 0}
+    assert [r["text"] for r in view["retained"]] == ["a dog in a field of flowers"]
+
+
+def test_grit_phrases_missing_model_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "grit_pipeline", "phrases", "--model", "no_such_model_xyz", "a dog"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "python -m spacy download no_such_model_xyz" in proc.stderr
+
+
+captions = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet=st.characters(categories=("Cc", "Cf", "Zs", "Zl", "Zp")), max_size=50),
+    st.lists(
+        st.sampled_from(
+            ["a dog", "<b>on</b>", "the", "\u05e9\u05dc\u05d5\u05dd", "\u202e", "\U0001f436", "&amp;", "\n", "CAR"]
+        ),
+        max_size=60,
+    ).map(" ".join),
+    st.integers(min_value=900, max_value=3000).map(lambda n: ("a big red bus " * n)[:n]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(captions, min_size=1, max_size=8))
+def test_text_stage_never_raises_and_offsets_are_valid(stage, batch):
+    results = stage(batch)
+    assert len(results) == len(batch)
+    for r in results:
+        n = len(r.caption)
+        assert n <= stage.cfg.max_caption_chars or r.drop_reason == "caption_too_long"
+        for c in r.chunks:
+            assert 0 <= c.expr_start <= c.start < c.end <= c.expr_end <= n
+            assert r.caption[c.start : c.end] == c.text
+        for d in r.dropped_chunks:
+            assert 0 <= d.start < d.end <= n
+        assert (r.drop_reason is None) == bool(r.chunks)
