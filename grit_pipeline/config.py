@@ -100,6 +100,10 @@ class DetectorConfig:
     # Shorter image side the detector sees (Grounding DINO's processor default is 800, longest 1333).
     image_short_side: int = 800
     image_long_side_max: int = 1333
+    # On CPU, give the detector one image per forward pass: float results of a batched forward differ in the last
+    # bits with the batch's composition, which Ray decides by arrival order, so only this makes two CPU builds
+    # bit-identical. CPU throughput barely depends on batching; on GPU, batch_size applies.
+    deterministic_cpu: bool = True
     # Opt-in for a randomly initialised tiny detector when weights are unavailable (demo only: boxes are noise).
     allow_random_weights: bool = False
     # num_gpus -1 = one GPU per actor where the Ray cluster has GPUs, none (CPU) where it has none.

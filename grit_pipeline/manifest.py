@@ -36,6 +36,7 @@ NON_RESULT_KEYS = (
     "image.resources",
     "detector.device",
     "detector.batch_size",
+    "detector.deterministic_cpu",
     "detector.resources",
     "detector.fault_after_batches",
     "detector.allow_random_weights",  # what was actually loaded is compared instead (detector.random_weights)

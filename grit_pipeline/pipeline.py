@@ -146,8 +146,10 @@ def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | 
     from grit_pipeline.stages import default_detector_factory
     from grit_pipeline.text import load_spacy
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     nlp = load_spacy(cfg.text.spacy_model)
     detector = (detector_factory or default_detector_factory)(cfg)
+    detector.setup()  # loads the weights: where they cannot be had, this raises with the loader's message
     return {
         "spacy_model": {
             "name": cfg.text.spacy_model,
@@ -158,6 +160,7 @@ def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | 
             "kind": cfg.detector.kind,
             "model": getattr(detector, "model_id", cfg.detector.model),
             "random_weights": bool(getattr(detector, "random_weights", False)),
+            "notes": list(getattr(detector, "notes", [])),
         },
     }
 

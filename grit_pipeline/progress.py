@@ -95,7 +95,13 @@ def summary_table(
     row("boxes over threshold (before NMS)", counts.get("boxes_raw", 0))
     row("boxes written (noun_chunks entries)", counts.get("boxes", 0))
     row("ref_exps retained (containment)", counts.get("ref_exps_retained", 0))
-    for key in ("images_exif_reencoded", "images_converted_png", "ids_not_integer", "members_ignored"):
+    for key in (
+        "images_exif_reencoded",
+        "images_converted_png",
+        "ids_not_integer",
+        "members_ignored",
+        "grounding_actor_restarts",
+    ):
         if counts.get(key):
             row(key.replace("_", " "), counts[key])
     for key in ("annotations", "annotations_unmatched", "annotations_invalid"):

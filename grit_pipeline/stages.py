@@ -289,18 +289,27 @@ class GroundingActor:
     """
 
     def __init__(self, cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None = None):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bar per actor in the log
         self.cfg = cfg
         self.detector = (detector_factory or default_detector_factory)(cfg)
         self.detector.setup()
         self.batches = 0
+        # A replacement for a crashed actor says so once, in the counters of the first sample it handles (the
+        # retried batch): the shard stats then show that a restart happened and the job went on.
+        self.restart_to_report = self._reconstructed()
+
+    @staticmethod
+    def _reconstructed() -> bool:
+        try:
+            import ray
+
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # noqa: BLE001 - outside an actor (direct use in tests, benchmarks)
+            return False
 
     def _maybe_fault(self) -> None:
         limit = self.cfg.detector.fault_after_batches
-        if limit <= 0 or self.batches <= limit:
-            return
-        import ray
-
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if limit <= 0 or self.batches <= limit or self._reconstructed():
             return
         print(f"grounding actor: injected fault after {limit} batches (detector.fault_after_batches)", flush=True)
         sys.stdout.flush()
@@ -310,6 +319,13 @@ class GroundingActor:
         self.batches += 1
         self._maybe_fault()
         rows = table.to_pylist()
+        if self.restart_to_report:
+            first = next((r for r in rows if r["kind"] == "sample"), None)
+            if first is not None:
+                add_counters(first, {"grounding_actor_restarts": 1})
+                self.restart_to_report = False
+                if not any(r["kind"] == "sample" and r["status"] == STATUS_PENDING for r in rows):
+                    return to_table(rows)
         live = [r for r in rows if r["kind"] == "sample" and r["status"] == STATUS_PENDING]
         if not live:
             return table
@@ -333,11 +349,15 @@ class GroundingActor:
             prepared.append((chunks, of_chunk))
         results = []
         step = max(1, self.cfg.detector.batch_size)
+        on_gpu = str(getattr(self.detector, "device", "cpu")).startswith("cuda")
+        if self.cfg.detector.deterministic_cpu and not on_gpu:
+            step = 1
         for i in range(0, len(inputs), step):
             results.extend(self.detector(inputs[i : i + step]))
         for row, (chunks, of_chunk), result in zip(live, prepared, results):
             noun_chunks, ref_exps, counts = build_entries(chunks, of_chunk, result)
             counts["chunks_kept"] -= counts["chunks_filtered_phrase_too_long"]
+            counts["annotations_invalid"] += getattr(result, "invalid_annotations", 0)
             add_counters(row, counts)
             row["num_boxes_raw"] = result.num_boxes_raw
             row["pixels"] = row["pixels_shape"] = None
