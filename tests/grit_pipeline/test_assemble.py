@@ -13,9 +13,9 @@ from grit_pipeline.assemble import (
     normalize_with_offsets,
     unique_phrases,
 )
+from grit_pipeline.config import TextConfig
 from grit_pipeline.grounding.detector import Detection, GroundingResult
 from grit_pipeline.record import GritRecord, validate_record
-from grit_pipeline.config import TextConfig
 from grit_pipeline.text import Chunk, TextStage, normalize_caption
 
 
@@ -106,4 +106,3 @@ def test_match_chunk_prefers_exact_then_contained_then_overlap():
     assert match_chunk((9, 21), chunks) == 1
     assert match_chunk((3, 14), chunks) == 1  # contains no chunk; overlaps "a blue shirt" most
     assert match_chunk((6, 8), chunks) is None
-

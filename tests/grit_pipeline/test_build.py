@@ -66,7 +66,9 @@ def test_shards_read_back_with_webdataset_ray_and_pyarrow(reference_build, ray_s
     assert table.filter(pads.field("status") == "kept").num_rows == REFERENCE_SAMPLES - 1
 
 
-def test_two_builds_give_identical_records_and_parquet_rows(reference_build, reference_input, build_overrides, tmp_path):
+def test_two_builds_give_identical_records_and_parquet_rows(
+    reference_build, reference_input, build_overrides, tmp_path
+):
     code, text = run_cli(build_args(reference_input, tmp_path / "again", build_overrides))
     assert code == 0, text
     a, b = read_output(reference_build), read_output(tmp_path / "again")
@@ -91,5 +93,6 @@ def test_result_changing_settings_are_refused_unless_told(reference_build, refer
     code, text = run_cli(build_args(reference_input[:1], reference_build, build_overrides))
     assert code == 2 and "new output folder" in text
     # Speed-only settings are fine.
-    code, text = run_cli(build_args(reference_input, reference_build, build_overrides, ["text.resources.batch_size=7"]))
+    speed_only = ["text.resources.batch_size=7"]
+    code, text = run_cli(build_args(reference_input, reference_build, build_overrides, speed_only))
     assert code == 0, text

@@ -6,6 +6,7 @@ their ids. (``ray stop`` would end every Ray process of this user on the machine
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,16 +55,12 @@ def stop_session(head: subprocess.Popen) -> None:
     pgid = head.pid  # start_new_session=True: the head leads its own group
     procs = _session_processes(pgid)
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=15)
     for proc in alive + _session_processes(pgid):
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
     head.wait(timeout=30)
 
 

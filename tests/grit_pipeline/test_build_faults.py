@@ -112,9 +112,9 @@ def test_disk_full_leaves_no_shard_marked_complete_and_a_rerun_completes(
     args = build_args(reference_input, mount, build_overrides)
     cmd = " ".join(
         [
-            "mount -t tmpfs -o size=96k tmpfs \"$1\" || exit 90;",
+            'mount -t tmpfs -o size=96k tmpfs "$1" || exit 90;',
             f"{sys.executable} -m grit_pipeline build {' '.join(_quote(a) for a in args)};",
-            "rc=$?; cp -a \"$1\"/. \"$2\"/; exit $rc",
+            'rc=$?; cp -a "$1"/. "$2"/; exit $rc',
         ]
     )
     proc = subprocess.run(

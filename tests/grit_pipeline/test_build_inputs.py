@@ -60,7 +60,8 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     expected.update({g["key"]: None for g in good})
     full = corpus.write_tar(tmp_path / "full.tar", corpus.good_samples(4, seed=41))
     data = full.read_bytes()
-    offsets = {m.name: m.offset_data for m in tarfile.open(full)}
+    with tarfile.open(full) as tf:
+        offsets = {m.name: m.offset_data for m in tf}
     third = corpus.good_samples(4, seed=41)[2]["key"]
     (inputs / "00002.tar").write_bytes(data[: offsets[f"{third}.jpg"] + 50])  # truncated inside the 3rd image
     expected.update({g["key"]: None for g in corpus.good_samples(2, seed=41)})
@@ -125,7 +126,8 @@ def test_annotations_become_the_records_boxes(ray_session, build_overrides, tmp_
     rows.append({"caption": "a green triangle", "image": "img/2.jpg", "annotations": []})
     corpus.write_jsonl(tmp_path / "shapes.jsonl", rows)
     out = tmp_path / "out"
-    code, text = run_cli(build_args([str(tmp_path / "shapes.jsonl")], out, build_overrides, ["detector.kind=annotations"]))
+    args = build_args([str(tmp_path / "shapes.jsonl")], out, build_overrides, ["detector.kind=annotations"])
+    code, text = run_cli(args)
     assert code == 0, text
     got = read_output(out)
     assert got["manifest"]["detector"]["kind"] == "annotations"

@@ -150,7 +150,8 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     good = corpus.good_samples(4, seed=4)
     path = corpus.write_tar(tmp_path / "a.tar", good)
     data = path.read_bytes()
-    offsets = {m.name: m.offset_data for m in tarfile.open(path)}
+    with tarfile.open(path) as tf:
+        offsets = {m.name: m.offset_data for m in tf}
     cut = offsets[f"{good[2]['key']}.jpg"] + 100  # in the middle of the third image
     (tmp_path / "cut.tar").write_bytes(data[:cut])
     got = samples_of(tmp_path / "cut.tar", "webdataset")
@@ -199,7 +200,8 @@ def test_parquet_with_bytes_paths_and_struct_images(tmp_path):
     assert got[0].image == corpus.jpeg(1) and got[0].caption == "a dog"
     assert got[1].caption is None
     # Paths are relative to the parquet's folder.
-    paths = pa.table({"caption": ["a cat", "a bird", "a cow", "a fox"], "image": ["imgs/b.jpg", "imgs/no.jpg", None, ""]})
+    captions = ["a cat", "a bird", "a cow", "a fox"]
+    paths = pa.table({"caption": captions, "image": ["imgs/b.jpg", "imgs/no.jpg", None, ""]})
     pq.write_table(paths, tmp_path / "t.parquet", row_group_size=2)
     got = samples_of(tmp_path / "t.parquet", "parquet")
     assert got[0].image == corpus.jpeg(2)
@@ -214,13 +216,14 @@ def test_parquet_with_bytes_paths_and_struct_images(tmp_path):
 
 def test_jsonl_rows_bad_lines_and_bounds(tmp_path):
     (tmp_path / "a.jpg").write_bytes(corpus.png(1, 300, 300))
+    box = {"start": 2, "end": 5, "box": [0, 0, 1, 1]}
     lines = [
         json.dumps({"caption": "a dog", "image": "a.jpg", "key": "x/1", "id": 7, "url": "u"}),
         "",
         "{not json",
         json.dumps([1, 2]),
         json.dumps({"caption": 5, "image": "a.jpg"}),
-        json.dumps({"caption": "a dog", "image": "a.jpg", "annotations": [{"start": 2, "end": 5, "box": [0, 0, 1, 1]}]}),
+        json.dumps({"caption": "a dog", "image": "a.jpg", "annotations": [box]}),
     ]
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     got = samples_of(tmp_path / "r.jsonl", "jsonl")
