@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlparse
 
 from grit_pipeline.config import GritConfig, StageResources, dump_config
 from grit_pipeline.inputs import InputError, InputFile, resolve_inputs
@@ -91,6 +93,7 @@ def start_ray(cfg: GritConfig) -> bool:
         # them all (oversubscribed), rather than waiting forever for CPUs that never free up.
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(stage_cpus(cfg) + 0.999))
         ray.init(
+            address="local",  # a new local instance, never a cluster some `ray start` left on this machine
             num_cpus=num_cpus,
             num_gpus=None if cfg.ray.num_gpus < 0 else cfg.ray.num_gpus,
             object_store_memory=cfg.ray.object_store_memory or None,
@@ -141,12 +144,31 @@ def check_capacity(cfg: GritConfig, num_gpus: float) -> None:
         logger.warning("the stages reserve %g CPUs, the cluster has %g: waiting for the autoscaler", need_cpu, have)
 
 
+def hub_environment(cfg: GritConfig) -> dict[str, str]:
+    """``{"HF_HUB_OFFLINE": "1"}`` when the detector names a hub model and the hub cannot be reached, else ``{}``.
+
+    Offline, the hub client would retry for half a minute before giving up; in offline mode it answers at once from
+    the local cache (a model downloaded earlier still loads) or fails with the loader's message.
+    """
+    model = cfg.detector.model
+    if cfg.detector.kind != "grounding_dino" or os.path.isdir(model) or os.environ.get("HF_HUB_OFFLINE"):
+        return {}
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return {"HF_HUB_OFFLINE": "1"}
+    return {}
+
+
 def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
     """Runs as a Ray task: load spaCy and build the detector once, so a missing model fails before any input."""
     from grit_pipeline.stages import default_detector_factory
     from grit_pipeline.text import load_spacy
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env = hub_environment(cfg)
+    os.environ.update(env)
     nlp = load_spacy(cfg.text.spacy_model)
     detector = (detector_factory or default_detector_factory)(cfg)
     detector.setup()  # loads the weights: where they cannot be had, this raises with the loader's message
@@ -162,6 +184,7 @@ def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | 
             "random_weights": bool(getattr(detector, "random_weights", False)),
             "notes": list(getattr(detector, "notes", [])),
         },
+        "env": env,
     }
 
 
@@ -177,7 +200,9 @@ def preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | N
         raise BuildRefused(message) from None
 
 
-def build_dataset(cfg: GritConfig, units: list[dict[str, Any]], detector_factory, num_gpus: float):
+def build_dataset(
+    cfg: GritConfig, units: list[dict[str, Any]], detector_factory, num_gpus: float, env: dict[str, str] | None = None
+):
     """The Ray Data plan; each stage's pool size, CPUs, GPUs and batch size come from the config."""
     import ray
 
@@ -214,7 +239,7 @@ def build_dataset(cfg: GritConfig, units: list[dict[str, Any]], detector_factory
     )
     return ds.map_batches(
         GroundingActor,
-        fn_constructor_kwargs={"cfg": cfg, "detector_factory": detector_factory},
+        fn_constructor_kwargs={"cfg": cfg, "detector_factory": detector_factory, "env": env or {}},
         batch_size=det.batch_size,
         batch_format="pyarrow",
         num_cpus=det.num_cpus,
@@ -297,7 +322,10 @@ def run_build(
         if removed:
             logger.info("removed leftovers of an interrupted run: %s", ", ".join(removed))
 
-        owns_ray = start_ray(cfg)
+        try:
+            owns_ray = start_ray(cfg)
+        except Exception as exc:  # noqa: BLE001 - Ray's own errors: connection refused, bad address, ...
+            raise BuildRefused(f"cannot start or join Ray: {type(exc).__name__}: {exc}") from exc
         configure_ray_data()
         info = preflight(cfg, detector_factory)
         settings = result_settings(cfg, info["detector"], info["spacy_model"])
@@ -324,12 +352,13 @@ def run_build(
             flush=True,
         )
         if units:
-            ds = build_dataset(cfg, units, detector_factory, num_gpus)
+            ds = build_dataset(cfg, units, detector_factory, num_gpus, info.get("env"))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                for stats in writer.add_rows(batch.to_pylist()):
+                rows = batch.to_pylist()
+                for stats in writer.add_rows(rows):
                     progress.shard_done(stats)
                     manifest["id_type"] = writer.id_type
-                progress.rows_seen(batch.num_rows, len(writer.buffers))
+                progress.rows_seen(sum(1 for r in rows if r["kind"] == "sample"), len(writer.buffers))
         all_stats = state.shards + writer.written
         counts, seconds = merge_stats(all_stats)
         if not writer.complete:

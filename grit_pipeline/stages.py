@@ -20,6 +20,7 @@ import os
 import posixpath
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -288,8 +289,14 @@ class GroundingActor:
     many: Ray restarts the actor and retries the batch, and the job must still complete with every sample.
     """
 
-    def __init__(self, cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None = None):
+    def __init__(
+        self,
+        cfg: GritConfig,
+        detector_factory: Callable[[GritConfig], Any] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bar per actor in the log
+        os.environ.update(env or {})  # what the preflight decided (HF_HUB_OFFLINE when the hub is unreachable)
         self.cfg = cfg
         self.detector = (detector_factory or default_detector_factory)(cfg)
         self.detector.setup()
@@ -303,7 +310,9 @@ class GroundingActor:
         try:
             import ray
 
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # Ray warns about an API it uses internally
+                return bool(ray.get_runtime_context().was_current_actor_reconstructed)
         except Exception:  # noqa: BLE001 - outside an actor (direct use in tests, benchmarks)
             return False
 
