@@ -307,14 +307,14 @@ class GroundingActor:
 
     @staticmethod
     def _reconstructed() -> bool:
-        try:
-            import ray
+        import ray
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # Ray warns about an API it uses internally
-                return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        except Exception:  # noqa: BLE001 - outside an actor (direct use in tests, benchmarks)
+        # Outside a Ray actor (direct use in benchmarks and tests) there is nothing to ask, and asking would start Ray.
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
             return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Ray warns about an API it uses internally
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def _maybe_fault(self) -> None:
         limit = self.cfg.detector.fault_after_batches
