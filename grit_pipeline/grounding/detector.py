@@ -43,12 +43,17 @@ class GroundingResult:
     detections: list[Detection] = field(default_factory=list)
     num_boxes_raw: int = 0  # boxes over the threshold before NMS
     too_long_phrases: list[int] = field(default_factory=list)  # phrase indices dropped as phrase_too_long
+    # Why the image could not be grounded at all ("" when it was): the pipeline counts it as a drop reason.
+    error: str = ""
+    # Input annotations ignored as malformed (phrase index out of range, box not 4 finite numbers).
+    invalid_annotations: int = 0
 
 
 class Detector(Protocol):
     """What the pipeline needs from a source of boxes."""
 
     model_id: str
+    random_weights: bool  # True when a randomly initialised model stands in for missing weights (known after setup)
 
     def setup(self) -> None: ...
 
