@@ -25,7 +25,10 @@ def ray_session():
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        # address="local": a new instance, never a cluster that a `ray start` elsewhere on this machine announced.
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
+        )
         started = True
     try:
         yield ray.get_runtime_context().gcs_address

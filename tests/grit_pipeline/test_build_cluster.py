@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +74,8 @@ def test_ray_job_submit_to_a_local_head(tiny_detector, build_overrides, tmp_path
     out = tmp_path / "out"
     gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A loopback-only test cluster: no token, so the test depends on no credential file of this machine.
+    env["RAY_AUTH_MODE"] = "disabled"
     head_cmd = [
         str(RAY), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
@@ -80,6 +84,11 @@ def test_ray_job_submit_to_a_local_head(tiny_detector, build_overrides, tmp_path
         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
         "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
     ]  # fmt: skip
+    # Its own temporary folder: `ray start` announces the cluster in <temp-dir>/ray_current_cluster, where a bare
+    # ray.init() elsewhere on the machine would find it (and, once it is stopped, hang on it). Short, for Ray's
+    # socket paths.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="grt", dir="/tmp"))
+    head_cmd.append(f"--temp-dir={ray_tmp}")
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115
     head = subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -106,6 +115,7 @@ def test_ray_job_submit_to_a_local_head(tiny_detector, build_overrides, tmp_path
     finally:
         stop_session(head)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     got = read_output(out)
     assert got["manifest"]["status"] == "complete"
     assert len(got["rows"]) == 29 and len(got["records"]) == 28
