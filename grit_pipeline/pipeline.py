@@ -353,12 +353,16 @@ def run_build(
         )
         if units:
             ds = build_dataset(cfg, units, detector_factory, num_gpus, info.get("env"))
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                rows = batch.to_pylist()
-                for stats in writer.add_rows(rows):
-                    progress.shard_done(stats)
-                    manifest["id_type"] = writer.id_type
-                progress.rows_seen(sum(1 for r in rows if r["kind"] == "sample"), len(writer.buffers))
+            progress.start()
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                    rows = batch.to_pylist()
+                    for stats in writer.add_rows(rows):
+                        progress.shard_done(stats)
+                        manifest["id_type"] = writer.id_type
+                    progress.rows_seen(sum(1 for r in rows if r["kind"] == "sample"), len(writer.buffers))
+            finally:
+                progress.stop()
         all_stats = state.shards + writer.written
         counts, seconds = merge_stats(all_stats)
         if not writer.complete:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -34,13 +35,35 @@ class Progress:
     def __init__(self, interval_s: float, resumed_shards: int, resumed_samples: int, stream: TextIO | None = None):
         self.interval_s = interval_s
         self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.last = self.start
+        self.started = time.monotonic()
+        self.last = self.started
         self.resumed_shards = resumed_shards
         self.resumed_samples = resumed_samples
         self.rows = 0
         self.shards = 0
+        self.pending = 0
         self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Print a line every interval even while no result arrives (a slow detector on CPU), until :meth:`stop`."""
+        if self.interval_s <= 0 or self._ticker is not None:
+            return
+        self._ticker = threading.Thread(target=self._tick, name="grit-progress", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+            self._ticker = None
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval_s)):
+            if time.monotonic() - self.last >= self.interval_s:
+                self.last = time.monotonic()
+                self.print_line(self.pending)
 
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.shards += 1
@@ -48,18 +71,19 @@ class Progress:
 
     def rows_seen(self, n: int, pending: int) -> None:
         self.rows += n
+        self.pending = pending
         now = time.monotonic()
         if self.interval_s > 0 and now - self.last >= self.interval_s:
             self.last = now
             self.print_line(pending)
 
     def print_line(self, pending: int = 0) -> None:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = max(time.monotonic() - self.started, 1e-9)
         c = self.counts
         line = (
             f"[grit build {_fmt_duration(elapsed)}] {self.rows} samples processed ({self.rows / elapsed:.1f}/s) | "
             f"shards complete: {self.shards} this run + {self.resumed_shards} before | "
-            f"in complete shards: kept {c['kept']}, dropped {c['dropped']}, boxes {c['boxes']} | "
+            f"in complete shards: kept {c.get('kept', 0)}, dropped {c.get('dropped', 0)}, boxes {c.get('boxes', 0)} | "
             f"open blocks: {pending}"
         )
         print(line, file=self.stream, flush=True)

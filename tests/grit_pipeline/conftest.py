@@ -150,6 +150,18 @@ def read_output(out: Path) -> dict:
     return {"records": records, "rows": rows, "shards": shards, "manifest": manifest}
 
 
+def stats_checks(out: Path, report: Path) -> list[dict]:
+    """``grit stats`` on a build: its comparisons of the index against the shards' counters (all must agree)."""
+    from grit_pipeline.cli import main
+
+    sink = io.StringIO()
+    with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        assert main(["stats", str(out), "--out", str(report)]) == 0, sink.getvalue()
+    data = json.loads((report / "stats.json").read_text())
+    assert not data.get("warnings"), data.get("warnings")
+    return data["checks"]
+
+
 def subprocess_env(ray_address: str) -> dict[str, str]:
     env = dict(os.environ)
     env["RAY_ADDRESS"] = ray_address

@@ -8,10 +8,17 @@ import pyarrow.dataset as pads
 import pytest
 
 from grit_pipeline.record import DROP_REASONS, GritRecord, validate_record
-from tests.grit_pipeline.conftest import REFERENCE_SAMPLES, REFERENCE_SHARDS, build_args, read_output, run_cli
+from tests.grit_pipeline.conftest import (
+    REFERENCE_SAMPLES,
+    REFERENCE_SHARDS,
+    build_args,
+    read_output,
+    run_cli,
+    stats_checks,
+)
 
 
-def test_end_to_end_records_and_readback(reference_build, reference_input):
+def test_end_to_end_records_and_readback(reference_build, reference_input, tmp_path):
     out = reference_build
     got = read_output(out)
     assert got["shards"] == [f"{i:05d}" for i in range(REFERENCE_SHARDS)]
@@ -42,6 +49,9 @@ def test_end_to_end_records_and_readback(reference_build, reference_input):
     stats = [json.loads((out / f"{s}_stats.json").read_text()) for s in got["shards"]]
     assert sum(s["counts"]["boxes"] for s in stats) == sum(len(r["noun_chunks"]) for r in got["records"].values())
     assert all(s["seconds"]["grounding"] > 0 and s["seconds"]["write"] > 0 for s in stats)
+    # The index and the counters are written by different code; the stats report checks they agree.
+    checks = stats_checks(out, tmp_path / "report")
+    assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
 
 
 def test_shards_read_back_with_webdataset_ray_and_pyarrow(reference_build, ray_session):

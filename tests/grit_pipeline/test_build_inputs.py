@@ -18,7 +18,7 @@ from PIL import Image
 from grit_pipeline.inputs import make_key
 from grit_pipeline.record import validate_record
 from tests.grit_pipeline import pipeline_corpus as corpus
-from tests.grit_pipeline.conftest import build_args, read_output, run_cli
+from tests.grit_pipeline.conftest import build_args, read_output, run_cli, stats_checks
 
 GOOD_CAPTION = "a brown dog running on the beach"
 
@@ -87,6 +87,8 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     want = Counter(reason for reason in expected.values() if reason) + Counter({"unsafe_member": 7})
     assert {k[8:]: v for k, v in counts.items() if k.startswith("dropped_")} == dict(want)
     assert counts["images_exif_reencoded"] == 1 and counts["images_converted_png"] == 1
+    checks = stats_checks(out, tmp_path / "report")
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
 
     # The rotated JPEG is stored upright; the GIF became a PNG; the 16-bit PNG is stored as it came.
     with tarfile.open(out / "00000.tar") as tf:
@@ -98,7 +100,7 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     assert got["records"]["rotated"]["width"] == 64 and got["records"]["rotated"]["height"] == 96
 
     # Nothing was written outside the output folder.
-    assert set(os.listdir(tmp_path)) == parent_before | {"out"}
+    assert set(os.listdir(tmp_path)) == parent_before | {"out", "report"}
     assert set(os.listdir(Path.cwd())) == cwd_before
     assert not os.path.exists("/tmp/absolute-escape.jpg")
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "up.txt").exists()

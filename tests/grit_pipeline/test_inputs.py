@@ -249,3 +249,32 @@ def test_image_folder_with_captions_and_sidecars(tmp_path):
     assert [s.key for s in got] == ["b", "c", make_key("sub/a")]
     assert [s.caption for s in got] == ["a brown dog", None, "a white cat"]
     assert got[2].id == 3 and got[2].url == "http://x"
+
+
+def test_remote_filesystems_through_fsspec():
+    """The same readers on a non-local fsspec filesystem (in-memory here; s3/gs/http go through the same calls)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = "memory://grit-inputs"
+    try:
+        good = corpus.good_samples(2, seed=7)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for s in good:
+                corpus.add_member(tf, f"{s['key']}.jpg", s["image"])
+                corpus.add_member(tf, f"{s['key']}.txt", s["caption"].encode())
+        fs.pipe(f"{root}/wds/00000.tar", buf.getvalue())
+        fs.pipe(f"{root}/tables/img/a.jpg", corpus.jpeg(3))
+        fs.pipe(f"{root}/tables/rows.jsonl", (json.dumps({"caption": "a cat", "image": "img/a.jpg"}) + "\n").encode())
+        files = resolve_inputs([f"{root}/wds/*.tar", f"{root}/tables/rows.jsonl"])
+        assert [(f.path, f.format) for f in files] == [
+            ("memory:///grit-inputs/wds/00000.tar", "webdataset"),
+            ("memory:///grit-inputs/tables/rows.jsonl", "jsonl"),
+        ]
+        tar_samples = list(iter_samples(files[0], CFG, MAX_BYTES))
+        assert [s.image for s in tar_samples] == [g["image"] for g in good]
+        (row,) = list(iter_samples(files[1], CFG, MAX_BYTES))
+        assert row.image == corpus.jpeg(3) and row.caption == "a cat"  # relative path resolved on the same filesystem
+    finally:
+        fs.rm(root, recursive=True)
