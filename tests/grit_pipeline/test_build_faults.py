@@ -43,7 +43,10 @@ def test_sigkill_of_the_driver_then_rerun_gives_the_uninterrupted_records(
     ray_session, reference_input, reference_build, build_overrides, tmp_path
 ):
     out = tmp_path / "out"
-    args = build_args(reference_input, out, build_overrides)
+    # One file and one sample at a time (speed-only settings: the records are the same): shards then complete one
+    # by one over several seconds, so the kill lands part-way even on a fast machine.
+    slow = [f"{stage}.resources.batch_size=1" for stage in ("text", "image", "detector", "input")]
+    args = build_args(reference_input, out, build_overrides, [*slow, "input.resources.actors=1"])
     log = open(tmp_path / "killed.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "grit_pipeline", "build", *args],
