@@ -117,7 +117,7 @@ def _format_of(path: str) -> str | None:
         return "webdataset"
     if name.endswith(".parquet"):
         return "parquet"
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json")):
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):  # not .json: a folder of images may hold .json sidecars
         return "jsonl"
     return None
 

@@ -238,6 +238,8 @@ def test_jsonl_rows_bad_lines_and_bounds(tmp_path):
 
 def test_image_folder_with_captions_and_sidecars(tmp_path):
     (tmp_path / "sub").mkdir()
+    (tmp_path / "b.json").write_text(json.dumps({"id": 1}))  # a sidecar, not a JSONL input
+    assert [f.format for f in resolve_inputs([str(tmp_path)])] == ["images"]
     (tmp_path / "b.jpg").write_bytes(corpus.jpeg(1))
     (tmp_path / "b.txt").write_text("a brown dog")
     (tmp_path / "sub" / "a.png").write_bytes(corpus.png(2))
