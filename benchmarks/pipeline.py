@@ -146,8 +146,8 @@ def run(device: str) -> dict:
         raise ValueError("the pipeline benchmark runs on CPU (the GPU machines have no Ray)")
 
     import ray
-    from grit_pipeline.grounding.tiny import save_tiny_grounding_dino
 
+    from grit_pipeline.grounding.tiny import save_tiny_grounding_dino
     from grit_pipeline.pipeline import start_ray
 
     with tempfile.TemporaryDirectory() as tmp:
