@@ -77,6 +77,9 @@ class ImageConfig:
     # Bounds on one sample's image, checked before decoding (bytes) and while decoding (seconds).
     max_bytes: int = 64 * 1024 * 1024
     decode_timeout_s: float = 30.0
+    # Decode JPEGs at the smallest DCT scale that still covers the detector's input size (Pillow's draft mode):
+    # several times faster on large photos; the stored bytes are untouched.
+    jpeg_draft: bool = True
     resources: StageResources = field(default_factory=lambda: StageResources(actors=1, num_cpus=1, batch_size=32))
 
 
@@ -97,9 +100,16 @@ class DetectorConfig:
     # Shorter image side the detector sees (Grounding DINO's processor default is 800, longest 1333).
     image_short_side: int = 800
     image_long_side_max: int = 1333
+    # On CPU, give the detector one image per forward pass: float results of a batched forward differ in the last
+    # bits with the batch's composition, which Ray decides by arrival order, so only this makes two CPU builds
+    # bit-identical. CPU throughput barely depends on batching; on GPU, batch_size applies.
+    deterministic_cpu: bool = True
     # Opt-in for a randomly initialised tiny detector when weights are unavailable (demo only: boxes are noise).
     allow_random_weights: bool = False
-    resources: StageResources = field(default_factory=lambda: StageResources(actors=1, num_cpus=1, batch_size=8))
+    # num_gpus -1 = one GPU per actor where the Ray cluster has GPUs, none (CPU) where it has none.
+    resources: StageResources = field(
+        default_factory=lambda: StageResources(actors=1, num_cpus=1, num_gpus=-1, batch_size=8)
+    )
     # Test-only fault injection: an actor raises SystemExit after this many batches (0 = never).
     fault_after_batches: int = 0
 
@@ -115,6 +125,9 @@ class InputConfig:
     # Bounds on input tar archives (hostile input): members per tar and bytes per member.
     max_tar_members: int = 1_000_000
     max_member_bytes: int = 64 * 1024 * 1024
+    # Read tasks: at most ``actors`` input files read at once, each task reserving ``num_cpus``;
+    # ``batch_size`` samples per block sent downstream.
+    resources: StageResources = field(default_factory=lambda: StageResources(actors=2, num_cpus=0.5, batch_size=32))
 
 
 @dataclass
@@ -123,6 +136,11 @@ class OutputConfig:
     samples_per_shard: int = 1000
     # Writing into an output whose manifest has different result-changing settings needs this flag.
     overwrite_config: bool = False
+    # Type of the parquet ``id`` column: "int64", "string", or "auto" (decided once per corpus from the first
+    # shard's ids: int64 when every id there is an integer, as in GRIT-20M and COYO; string otherwise).
+    id_type: str = "auto"
+    # Seconds between progress lines (0 = only the final summary).
+    progress_interval_s: float = 10.0
 
 
 @dataclass

@@ -379,7 +379,9 @@ def _load(name: str) -> tuple[Any, Any, tuple, tuple]:
         model = AutoModelForZeroShotObjectDetection.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError) as exc:
-        reason = " ".join(str(exc).split())[:200]
+        # The loader's first sentence says what went wrong (no connection, no such folder); the rest is advice
+        # about hub settings that does not apply to a local folder.
+        reason = " ".join(str(exc).split()).split(". ")[0].rstrip(".")[:300]
         raise DetectorUnavailable(f"cannot load detector weights {name!r} ({reason}); {hint}") from exc
     if getattr(model.config, "model_type", "") not in MODEL_TYPES:
         raise DetectorUnavailable(f"{name!r} is a {model.config.model_type!r} model, not Grounding DINO; {hint}")

@@ -1,0 +1,164 @@
+"""Malformed and hostile inputs through the whole pipeline, and boxes that come with the input (annotations).
+
+The job completes; every good sample is kept; every bad one is counted under its reason; nothing is written outside
+the output folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from grit_pipeline.inputs import make_key
+from grit_pipeline.record import validate_record
+from tests.grit_pipeline import pipeline_corpus as corpus
+from tests.grit_pipeline.conftest import build_args, read_output, run_cli, stats_checks
+
+GOOD_CAPTION = "a brown dog running on the beach"
+
+
+def malformed_samples() -> tuple[list[dict], dict[str, str | None]]:
+    """Samples of one tar, and for each key the expected drop reason (None: kept)."""
+    c = GOOD_CAPTION
+    samples = [
+        ("good-jpeg", corpus.jpeg(1), "jpg", c, None),
+        ("truncated", corpus.truncated(corpus.jpeg(2, 200, 150)), "jpg", c, "bad_image"),
+        ("zero-bytes", b"", "jpg", c, "bad_image"),
+        ("not-an-image", b"<html>a picture of a dog</html>", "jpg", c, "bad_image"),
+        ("bomb", corpus.huge_declared_png(), "png", c, "image_too_large"),
+        ("tiny", corpus.jpeg(3, 20, 20), "jpg", c, "image_too_small"),
+        ("cmyk", corpus.cmyk_jpeg(4), "jpg", c, None),
+        ("sixteen-bit", corpus.png16(5), "png", c, None),
+        ("palette", corpus.palette_png(6), "png", c, None),
+        ("rotated", corpus.exif_rotated_jpeg(7), "jpg", c, None),
+        ("animated", corpus.animated_gif(8), "gif", c, None),
+        ("no-caption", corpus.jpeg(9), "jpg", None, "missing_caption"),
+        ("empty-caption", corpus.jpeg(10), "jpg", " \n\t\u200b ", "empty_caption"),
+        ("no-chunks", corpus.jpeg(11), "jpg", "hello", "no_noun_chunks"),
+        ("no-chunks-bad-image", b"garbage", "jpg", "hello", "bad_image"),  # image rules come before chunks
+        ("dir/photo.v2", corpus.jpeg(12), "jpg", c, None),
+        ("no-image", None, "jpg", c, "missing_image"),
+    ]
+    expected = {make_key(key): reason for key, _, _, _, reason in samples}
+    tar_samples = [{"key": k, "image": img, "ext": ext, "caption": cap} for k, img, ext, cap, _ in samples]
+    return tar_samples, expected
+
+
+def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    samples, expected = malformed_samples()
+    corpus.write_tar(inputs / "00000.tar", samples)
+    good = corpus.good_samples(4, seed=40)
+    corpus.write_hostile_tar(inputs / "00001.tar", good)
+    expected.update({g["key"]: None for g in good})
+    full = corpus.write_tar(tmp_path / "full.tar", corpus.good_samples(4, seed=41))
+    data = full.read_bytes()
+    with tarfile.open(full) as tf:
+        offsets = {m.name: m.offset_data for m in tf}
+    third = corpus.good_samples(4, seed=41)[2]["key"]
+    (inputs / "00002.tar").write_bytes(data[: offsets[f"{third}.jpg"] + 50])  # truncated inside the 3rd image
+    expected.update({g["key"]: None for g in corpus.good_samples(2, seed=41)})
+    expected[third] = "bad_input"
+    cwd_before = set(os.listdir(Path.cwd()))
+    parent_before = set(os.listdir(tmp_path))
+
+    out = tmp_path / "out"
+    code, text = run_cli(build_args([str(inputs)], out, build_overrides, ["output.samples_per_shard=50"]))
+    assert code == 0, text
+    got = read_output(out)
+    rows = got["rows"]
+    refused = [k for k, r in rows.items() if r["drop_reason"] == "unsafe_member"]
+    assert len(refused) == 7
+    rest = {k: r["drop_reason"] for k, r in rows.items() if r["drop_reason"] != "unsafe_member"}
+    assert rest == expected
+    assert set(got["records"]) == {k for k, reason in expected.items() if reason is None}
+    for rec in got["records"].values():
+        validate_record(rec, check_order=True)
+
+    counts = got["manifest"]["totals"]
+    assert counts["input"] == len(rows) and counts["kept"] == len(got["records"])
+    want = Counter(reason for reason in expected.values() if reason) + Counter({"unsafe_member": 7})
+    assert {k[8:]: v for k, v in counts.items() if k.startswith("dropped_")} == dict(want)
+    assert counts["images_exif_reencoded"] == 1 and counts["images_converted_png"] == 1
+    checks = stats_checks(out, tmp_path / "report")
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+
+    # The rotated JPEG is stored upright; the GIF became a PNG; the 16-bit PNG is stored as it came.
+    with tarfile.open(out / "00000.tar") as tf:
+        names = tf.getnames()
+        rotated = Image.open(io.BytesIO(tf.extractfile("rotated.jpg").read()))
+        assert rotated.size == (64, 96) and rotated.getexif().get(0x0112, 1) == 1
+        assert "animated.png" in names and "animated.gif" not in names
+        assert tf.extractfile("sixteen-bit.png").read() == corpus.png16(5)
+    assert got["records"]["rotated"]["width"] == 64 and got["records"]["rotated"]["height"] == 96
+
+    # Nothing was written outside the output folder.
+    assert set(os.listdir(tmp_path)) == parent_before | {"out", "report"}
+    assert set(os.listdir(Path.cwd())) == cwd_before
+    assert not os.path.exists("/tmp/absolute-escape.jpg")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "up.txt").exists()
+
+
+def test_annotations_become_the_records_boxes(ray_session, build_overrides, tmp_path):
+    """Boxes given with the input (spans into the raw caption) go through the same writer as detector boxes."""
+    (tmp_path / "img").mkdir()
+    rows = []
+    raw = "A  man in a blue shirt\triding a horse"
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(corpus.jpeg(60 + i))
+    rows.append(
+        {
+            "caption": raw,
+            "image": "img/0.jpg",
+            "annotations": [
+                {"start": 0, "end": raw.index("\triding"), "box": [0.1, 0.2, 0.4, 0.9]},
+                {"start": raw.index("a horse"), "end": len(raw), "box": [0.3, 0.4, 0.9, 1.0], "score": 0.8},
+            ],
+        }
+    )
+    rows.append({"caption": "a red circle and a blue square", "image": "img/1.jpg"})
+    rows[1]["annotations"] = [{"phrase": "blue square", "box": [0.5, 0.5, 0.7, 0.7]}]
+    rows.append({"caption": "a green triangle", "image": "img/2.jpg", "annotations": []})
+    corpus.write_jsonl(tmp_path / "shapes.jsonl", rows)
+    out = tmp_path / "out"
+    args = build_args([str(tmp_path / "shapes.jsonl")], out, build_overrides, ["detector.kind=annotations"])
+    code, text = run_cli(args)
+    assert code == 0, text
+    got = read_output(out)
+    assert got["manifest"]["detector"]["kind"] == "annotations"
+    first = got["records"]["shapes_000000000"]
+    assert first["caption"] == "A man in a blue shirt riding a horse"
+    spans = [(e[0], e[1], e[2:]) for e in first["noun_chunks"]]
+    # "A man in a blue shirt" goes to its head chunk "A man"; "a horse" to itself; offsets follow normalisation.
+    assert spans == [(0, 5, [0.1, 0.2, 0.4, 0.9, 1.0]), (29, 36, [0.3, 0.4, 0.9, 1.0, 0.8])]
+    assert first["ref_exps"][0][:2][0] == 0 and first["ref_exps"][0][1] >= 21  # the man's expression
+    second = got["records"]["shapes_000000001"]
+    assert [(e[0], e[1]) for e in second["noun_chunks"]] == [(17, 30)]
+    assert got["rows"]["shapes_000000002"]["drop_reason"] == "no_grounded_phrase"
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_config_with_the_offline_random_detector(ray_session, spacy_model_name, tmp_path, monkeypatch):
+    """``make demo OFFLINE=1``: the bundled photographs, the default detector unavailable, random weights opted in."""
+    monkeypatch.chdir(REPO)  # the demo config names its input relative to the repository, as make runs it
+    examples_dir = REPO / "examples"
+    out = tmp_path / "demo"
+    args = ["--config", "configs/demo.yaml", "--output", str(out), "--offline-random-detector"]
+    args += ["--set", f"text.spacy_model={spacy_model_name}", "--set", "detector.model=/nonexistent/grounding-dino"]
+    code, text = run_cli(args)
+    assert code == 0, text
+    assert "RANDOM" in text and "meaningless" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["detector"]["random_weights"] is True
+    assert any("meaningless" in w for w in manifest["warnings"])
+    n_examples = len([p for p in examples_dir.iterdir() if p.suffix in (".jpg", ".png")])
+    assert manifest["totals"]["input"] == n_examples >= 5
