@@ -63,12 +63,11 @@ def shapes(tmp_path_factory, spacy_model_name):
     input): ``train`` (3,000 scenes, one or two shapes), ``heldout`` (200 others) and ``wiring`` (64 one-shape
     scenes), one input file each, so each set has its own shards; and a tokenizer trained on the training captions
     with ``kosmos tokenizer train``."""
-    import importlib.util
+    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    from shapes_corpus import scenes, write_build_input, write_shards
+    from shapes_corpus import scenes, write_build_input
 
     from kosmos.cli import main
 
@@ -82,23 +81,18 @@ def shapes(tmp_path_factory, spacy_model_name):
     }
     corpus = root / "corpus"
     out = {"root": root, "corpus": str(corpus)}
-    if importlib.util.find_spec("grit_pipeline.build") is None:  # until grit build is on this branch
-        for name, items in sets.items():
-            write_shards(corpus / name, items, per_shard=1000, prefix=name)
-            out[name] = str(corpus / name / "*.tar")
-        (corpus / "manifest.json").write_text('{"detector": {"kind": "annotations"}}')
-    else:
-        inputs = [str(write_build_input(root / "input", items, name)) for name, items in sets.items()]
-        command = [sys.executable, "-m", "grit_pipeline", "build", "--config", str(REPO / "configs/default.yaml")]
-        command += [arg for path in inputs for arg in ("--input", path)] + ["--output", str(corpus)]
-        overrides = ["detector.kind=annotations", f"text.spacy_model={spacy_model_name}"]
-        for item in [*overrides, "output.samples_per_shard=1000", "output.progress_interval_s=0"]:
-            command += ["--set", item]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        # Shards follow the input files: 3 of train (1,000 samples each), then heldout, then wiring.
-        out.update(train=str(corpus / "{00000..00002}.tar"), heldout=str(corpus / "00003.tar"))
-        out["wiring"] = str(corpus / "00004.tar")
+    inputs = [str(write_build_input(root / "input", items, name)) for name, items in sets.items()]
+    command = [sys.executable, "-m", "grit_pipeline", "build", "--config", str(REPO / "configs/default.yaml")]
+    command += [arg for path in inputs for arg in ("--input", path)] + ["--output", str(corpus)]
+    overrides = ["detector.kind=annotations", f"text.spacy_model={spacy_model_name}"]
+    for item in [*overrides, "output.samples_per_shard=1000", "output.progress_interval_s=0"]:
+        command += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, stopped when it ends
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Shards follow the input files: 3 of train (1,000 samples each), then heldout, then wiring.
+    out.update(train=str(corpus / "{00000..00002}.tar"), heldout=str(corpus / "00003.tar"))
+    out["wiring"] = str(corpus / "00004.tar")
     code = main(["tokenizer", "train", "--shards", out["train"], "--vocab-size", "300", "--out", str(root / "tok")])
     assert code == 0
     out["tokenizer"] = str(root / "tok")
