@@ -295,12 +295,15 @@ def read_rank_files(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], d
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A folder with model weights from what a user may pass: a run folder (its latest checkpoint), a
-    ``checkpoints`` folder, one checkpoint, or any kosmos model folder (``kosmos convert`` output)."""
+    ``checkpoints`` folder or its ``latest`` pointer, one checkpoint, or any kosmos model folder (``kosmos convert``
+    output)."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     found = None
-    if (path / CHECKPOINTS_DIR / LATEST).is_file():
+    if path.name == LATEST and path.is_file() and path.parent.name == CHECKPOINTS_DIR:  # the pointer itself
+        found = latest_checkpoint(path.parent.parent)
+    elif (path / CHECKPOINTS_DIR / LATEST).is_file():
         found = latest_checkpoint(path)
     elif path.name == CHECKPOINTS_DIR and (path / LATEST).is_file():
         found = latest_checkpoint(path.parent)

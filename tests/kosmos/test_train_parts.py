@@ -103,6 +103,7 @@ def test_checkpoint_folder_is_renamed_then_pointed_to_and_old_ones_pruned(tmp_pa
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
     assert latest_checkpoint(tmp_path) == root / "step_00000003"
     assert resolve_model_dir(tmp_path) == resolve_model_dir(root) == root / "step_00000003"
+    assert resolve_model_dir(root / "latest") == root / "step_00000003"
     # An incomplete write is refused and the pointer stays where it was; the leftovers go at the next start.
     _fake_checkpoint(tmp_path, 4, complete=False)
     with pytest.raises(CheckpointError, match="incomplete"):
