@@ -247,3 +247,56 @@ def test_the_gpu_check_script_runs_without_the_shard_readers():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["stubbed_modules"] == ["webdataset", "braceexpand"] and result["all_checks_pass"], result
+
+
+def _trainer_for(tokenizer, tmp_path, *sets):
+    from kosmos.train_log import MetricsLogger
+    from kosmos.train_setup import Dist, build_model, make_optimizer
+    from kosmos.trainer import Trainer
+
+    base = [
+        "tokenizer=tok",
+        "data.sources=[{shards: [x.tar]}]",
+        "model.overrides={text: {dropout: 0.0, attention_dropout: 0.0}}",
+    ]
+    cfg = load_train_config(None, [*base, "optim.warmup_steps=0", "run.max_steps=10", *sets])
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer, torch.device("cpu"))
+    logger = MetricsLogger(tmp_path, enabled=False, tensorboard=False)
+    return model, Trainer(cfg, model, model, make_optimizer(model, cfg.optim), tokenizer, Dist(), logger)
+
+
+def test_gradient_accumulation_is_the_big_batch_update(tokenizer, tmp_path):
+    """Two micro-batches of 4 rows (of different lengths) make the same update as one batch of 8."""
+    from benchmarks.trainer_gpu import synthetic_batches
+
+    a, b = synthetic_batches(tokenizer, 2, 4, 10, 64, 16, seed=3)
+    b["labels"][:, -3:] = -100  # uneven target counts: the mean must be over tokens, not micro-batches
+    big = {k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) else a[k] + b[k] for k in a}
+    model1, one = _trainer_for(tokenizer, tmp_path)
+    model2, accumulated = _trainer_for(tokenizer, tmp_path, "run.grad_accum=2")
+    s1, s2 = one.train_step([big]), accumulated.train_step([a, b])
+    assert s1.targets == s2.targets and s1.loss_sum == pytest.approx(s2.loss_sum, rel=1e-6)
+    assert s1.grad_norm == pytest.approx(s2.grad_norm, rel=1e-5)
+    for (name, p1), p2 in zip(model1.named_parameters(), model2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_clip_vision_weights_load_into_a_scratch_model(tokenizer, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from kosmos.train_setup import build_model
+
+    clip_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    clip_cfg.image_size, clip_cfg.patch_size = 64, 8
+    torch.manual_seed(1)
+    CLIPVisionModel(clip_cfg).save_pretrained(tmp_path / "clip")
+    sets = ["tokenizer=tok", "data.sources=[{shards: [x.tar]}]", f"model.clip_vision={tmp_path / 'clip'}"]
+    model = build_model(load_train_config(None, sets), tokenizer, torch.device("cpu"))
+    clip = CLIPVisionModel.from_pretrained(tmp_path / "clip")
+    ours = model.vision.patch_embed.weight
+    torch.testing.assert_close(ours, clip.embeddings.patch_embedding.weight)
+    with pytest.raises(ConfigError, match="block_pool is for a random vision tower"):
+        build_model(
+            load_train_config(None, [*sets, "model.connector_init=block_pool"]), tokenizer, torch.device("cpu")
+        )
