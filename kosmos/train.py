@@ -46,5 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if rank == 0 or "rank" in summary:
-        print(json.dumps(summary))
+        # One write per line: under torchrun the ranks share stdout, and print's separate newline could interleave.
+        sys.stdout.write(json.dumps(summary) + "\n")
+        sys.stdout.flush()
     return 0

@@ -120,7 +120,8 @@ class MetricsLogger:
 
     def print(self, line: str) -> None:
         if self.enabled:
-            print(line, file=self.stream, flush=True)
+            self.stream.write(line + "\n")  # one write: other ranks' output shares the stream
+            self.stream.flush()
 
     def close(self) -> None:
         if self.file is not None:
