@@ -20,7 +20,8 @@ SUBCOMMANDS = {
 def dispatch(prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
     """Shared by ``grit`` and ``kosmos``: pick the subcommand, import its module, parse and run it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = "\n".join(f"  {name:<12}{help_}" for name, (_, help_) in subcommands.items())
+    width = max(12, *(len(name) + 2 for name in subcommands))
+    names = "\n".join(f"  {name:<{width}}{help_}" for name, (_, help_) in subcommands.items())
     usage = (
         f"usage: {prog} <command> [options]\n\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
     )
