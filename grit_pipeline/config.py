@@ -9,6 +9,7 @@ config back as YAML, which every output keeps beside itself.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,9 +211,19 @@ def _parse_scalar(raw: str) -> Any:
     if raw == "":
         return ""
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "4e-3" (no dot in the mantissa) as a string; users mean a number.
+        try:
+            return float(value) if _FLOAT_RE.fullmatch(value) else value
+        except ValueError:
+            return value
+    return value
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

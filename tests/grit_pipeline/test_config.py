@@ -36,6 +36,11 @@ def test_yaml_then_overrides(tmp_path):
     assert isinstance(cfg.detector.nms_iou, float)
 
 
+def test_exponent_without_a_dot_is_a_number():
+    cfg = load_config(GritConfig, overrides=["detector.box_threshold=4e-1", "detector.min_box_side=1E-2"])
+    assert cfg.detector.box_threshold == 0.4 and cfg.detector.min_box_side == 0.01
+
+
 def test_int_is_accepted_for_float():
     cfg = load_config(GritConfig, overrides=["detector.box_threshold=1"])
     assert cfg.detector.box_threshold == 1.0 and isinstance(cfg.detector.box_threshold, float)
