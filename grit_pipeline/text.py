@@ -17,8 +17,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from spacy import symbols as spacy_symbols
-
 from grit_pipeline.config import TextConfig
 from grit_pipeline.record import retained_spans
 
@@ -130,9 +128,11 @@ def chunk_filter_reason(chunk, abstract_nouns: frozenset[str] | set[str], drop_p
     return None
 
 
-# Dependency labels as StringStore ids (spaCy's symbols): integer compares in the per-chunk loop.
-_DEP_CC = spacy_symbols.cc
-_DEP_CONJ = spacy_symbols.conj
+# Dependency labels as spaCy symbol ids, for integer compares in the per-chunk loop. These are fixed by spaCy's
+# symbol table (spacy.symbols.cc / .conj, checked by the tests); writing them here keeps spaCy out of the imports
+# of every Ray worker that only needs this module's data classes.
+_DEP_CC = 407
+_DEP_CONJ = 410
 
 
 def _is_trimmable(token) -> bool:

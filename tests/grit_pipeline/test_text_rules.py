@@ -173,3 +173,11 @@ def test_containment_filter_on_expression_entries():
 def test_default_config_lists_the_authors_abstract_nouns():
     assert TextConfig().abstract_nouns[:3] == ["time", "life", "love"]
     assert "pursuit" in TextConfig().abstract_nouns
+
+
+def test_dependency_symbol_ids_match_spacy():
+    from spacy import symbols
+
+    from grit_pipeline import text
+
+    assert (text._DEP_CC, text._DEP_CONJ) == (symbols.cc, symbols.conj)
