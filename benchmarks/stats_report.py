@@ -200,18 +200,29 @@ def _measure(code: str) -> dict[str, Any]:
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
     )
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code + _PRINT_PEAK], stdout=subprocess.PIPE, env=env, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"benchmark child failed ({proc.returncode}): {out[-2000:]}")
+    lines = out.strip().splitlines()
+    # The child's own high-water mark (VmHWM). wait4's ru_maxrss is not enough: Linux carries the parent's peak
+    # into a forked child's maxrss across exec, so a large benchmark process would inflate every child.
+    peak_kib = int(lines[-1]) if lines and lines[-1].isdigit() else usage.ru_maxrss
     return {
         "process_wall_s": round(wall, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-        **json.loads(out.strip().splitlines()[-1]),
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+        **json.loads(lines[-2] if lines[-1].isdigit() else lines[-1]),
     }
+
+
+_PRINT_PEAK = """
+for _line in open("/proc/self/status"):
+    if _line.startswith("VmHWM:"):
+        print(int(_line.split()[1]))
+"""
 
 
 FIGURES_CODE = """
