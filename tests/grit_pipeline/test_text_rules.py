@@ -180,4 +180,4 @@ def test_dependency_symbol_ids_match_spacy():
 
     from grit_pipeline import text
 
-    assert (text._DEP_CC, text._DEP_CONJ) == (symbols.cc, symbols.conj)
+    assert (symbols.cc, symbols.conj) == (text._DEP_CC, text._DEP_CONJ)
