@@ -19,14 +19,12 @@ import datetime as _dt
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +32,7 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grit_pipeline.durable import atomic_file, atomic_write_bytes, fsync_dir
 from grit_pipeline.record import (
     STATUS_DROPPED,
     STATUS_KEPT,
@@ -64,43 +63,6 @@ def shard_name(number: int) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_file(path: Path, tmp_dir: Path) -> Iterator[BinaryIO]:
-    """A file written under a temporary name in ``tmp_dir`` (same filesystem), fsynced, then renamed to ``path``.
-
-    If the block raises (a failed write included), ``path`` is untouched and the temporary file is removed.
-    """
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / (path.name + ".part")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path) -> None:
-    with atomic_file(path, tmp_dir) as f:
-        f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,7 +384,7 @@ class ShardWriter:
         }
         data = (json.dumps(stats, indent=1) + "\n").encode("utf-8")
         atomic_write_bytes(self.out_dir / f"{name}{STATS_SUFFIX}", data, self.tmp_dir)  # last: marks complete
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self.next_number += 1
         self.written.append(stats)
         return stats

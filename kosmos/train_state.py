@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from grit_pipeline.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -142,20 +144,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:
@@ -225,13 +214,13 @@ def finalize_checkpoint(output_dir: str | Path, step: int, keep: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     pointer = root / f"{LATEST}.tmp"
     pointer.write_text(final.name + "\n", encoding="utf-8")
     with open(pointer, "rb") as f:
         os.fsync(f.fileno())
     os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune_checkpoints(output_dir, keep)
     return final
 
