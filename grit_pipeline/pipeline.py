@@ -221,31 +221,22 @@ def build_dataset(
         num_cpus=read.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(read.actors, len(units)))),
     )
-    ds = ds.map_batches(
-        TextActor,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=text.batch_size,
-        batch_format="pyarrow",
-        num_cpus=text.num_cpus,
-        compute=actors(text),
-    )
-    ds = ds.map_batches(
-        ImageActor,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=image.batch_size,
-        batch_format="pyarrow",
-        num_cpus=image.num_cpus,
-        compute=actors(image),
-    )
-    return ds.map_batches(
-        GroundingActor,
-        fn_constructor_kwargs={"cfg": cfg, "detector_factory": detector_factory, "env": env or {}},
-        batch_size=det.batch_size,
-        batch_format="pyarrow",
-        num_cpus=det.num_cpus,
-        num_gpus=num_gpus,
-        compute=actors(det),
-    )
+
+    def actor_stage(ds, actor_cls, res: StageResources, kwargs: dict[str, Any], **resources):
+        return ds.map_batches(
+            actor_cls,
+            fn_constructor_kwargs=kwargs,
+            batch_size=res.batch_size,
+            batch_format="pyarrow",
+            num_cpus=res.num_cpus,
+            compute=actors(res),
+            **resources,
+        )
+
+    ds = actor_stage(ds, TextActor, text, {"cfg": cfg})
+    ds = actor_stage(ds, ImageActor, image, {"cfg": cfg})
+    grounding_kwargs = {"cfg": cfg, "detector_factory": detector_factory, "env": env or {}}
+    return actor_stage(ds, GroundingActor, det, grounding_kwargs, num_gpus=num_gpus)
 
 
 # ---------------------------------------------------------------------------------------------------------------
