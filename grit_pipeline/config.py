@@ -284,6 +284,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
         return dict(value)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not (isinstance(value, bool) and True not in choices and False not in choices):
+            return value
+        names = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"{source}: '{key}' must be one of {names}, got {value!r}")
     if tp is Any:
         return value
     if tp is bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import pytest
 import yaml
 
@@ -78,3 +81,19 @@ def test_dump_round_trips(tmp_path):
     dump_config(cfg, path)
     assert yaml.safe_load(path.read_text())["detector"]["dtype"] == "bf16"
     assert load_config(GritConfig, path) == cfg
+
+
+@dataclasses.dataclass
+class _LiteralSection:
+    mode: Literal["mean", "max"] = "max"
+
+
+@dataclasses.dataclass
+class _LiteralTop:
+    part: _LiteralSection = dataclasses.field(default_factory=_LiteralSection)
+
+
+def test_literal_fields_are_checked_by_the_loader():
+    assert load_config(_LiteralTop, None, ["part.mode=mean"]).part.mode == "mean"
+    with pytest.raises(ConfigError, match="part.mode' must be one of mean, max"):
+        load_config(_LiteralTop, None, ["part.mode=median"])
