@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -180,7 +179,6 @@ def save_sharded(
     rank: int = 0,
     world_size: int = 1,
     asynchronous: bool = False,
-    fault: Callable[[str], None] | None = None,
 ) -> Future | None:
     """Write ``model`` (and ``optimizer``) into ``folder/dcp`` (each rank its own shards) and ``folder/dcp.json``
     (rank 0). ``model`` is the model being trained: plain, or sharded in place by FSDP2 (not a DDP wrapper).
@@ -202,8 +200,6 @@ def save_sharded(
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / DCP_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    if fault is not None:
-        fault("sharded")
     writer = dcp.FileSystemWriter(str(folder / DCP_DIR), sync_files=True)
     if asynchronous:
         return dcp.async_save(state, storage_writer=writer)
