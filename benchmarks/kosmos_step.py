@@ -1,6 +1,6 @@
 """Training-step throughput of our Kosmos-2 against HF's ``Kosmos2ForConditionalGeneration``, side by side.
 
-Both models get the same config (HF's is written from ours by ``kosmos.convert``), batch, sequence, inputs
+Both models get the same config (HF's is written from ours by ``kosmos.model.hf``), batch, sequence, inputs
 (pixel_values, input_ids, image_embeds_position_mask, an all-ones attention_mask as a padded trainer passes, labels
 with -100 up to ``</image>``) and the same step: forward with labels, backward, fused AdamW (paper betas and eps).
 Dropout stays at the config's 0.1 for both. Ours is called as a trainer calls it, with ``return_logits=False``
@@ -28,10 +28,10 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.common import repeat_timed, summary
-from kosmos.convert import our_config_to_hf
-from kosmos.model import KosmosConfig, TextConfig, VisionConfig
-from kosmos.parallelize import ParallelConfig, parallelize
-from kosmos.registry import model_config
+from kosmos.model.hf import our_config_to_hf
+from kosmos.model.model import KosmosConfig, TextConfig, VisionConfig
+from kosmos.model.parallelize import ParallelConfig, parallelize
+from kosmos.model.registry import model_config
 
 TARGET_RATIO = 1.3
 TARGET_MFU = 0.40
@@ -105,7 +105,7 @@ def build_hf(cfg: KosmosConfig, device: str):
 
 
 def build_ours(cfg: KosmosConfig, device: str):
-    from kosmos.model import KosmosModel
+    from kosmos.model.model import KosmosModel
 
     with torch.device(device):
         model = KosmosModel(cfg)

@@ -88,9 +88,9 @@ def _stage_timings(paths: list[str], tokenizer, cfg) -> dict:
     import webdataset as wds
     from PIL import Image
 
-    from grit_pipeline.record import GritRecord
-    from kosmos.image_transform import normalize_to_array, resize_and_crop
-    from kosmos.sequence import build_grounded_sample
+    from grit_core.record import GritRecord
+    from kosmos.data.sequence import build_grounded_sample
+    from kosmos.data.transform import normalize_to_array, resize_and_crop
 
     t0 = time.perf_counter()
     raws = list(wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples()))
@@ -134,7 +134,7 @@ def _stage_timings(paths: list[str], tokenizer, cfg) -> dict:
 
 
 def _loader_rate(cfg, tokenizer, batches: int) -> dict:
-    from kosmos.data import make_loader
+    from kosmos.data.loader import make_loader
 
     loader = make_loader(cfg, tokenizer)
     iterator = iter(loader)
@@ -167,8 +167,8 @@ def run(device: str) -> dict:
     except ImportError:
         return {"skipped": "webdataset is not installed on this machine; the loader runs on the CPU side anyway"}
     from benchmarks.trainer_consumption import derive_1p6b, measure_tiny
-    from kosmos.data import DataConfig, SourceConfig
-    from kosmos.tokenizer import KosmosTokenizer
+    from kosmos.data.loader import DataConfig, SourceConfig
+    from kosmos.data.tokenizer import KosmosTokenizer
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -81,7 +81,7 @@ def generate(root: Path, records: int = RECORDS, shards: int = SHARDS, seed: int
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from grit_pipeline.record import DROP_REASONS, index_schema, retained_spans
+    from grit_core.record import DROP_REASONS, index_schema, retained_spans
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

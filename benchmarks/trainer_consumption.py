@@ -28,12 +28,12 @@ def measure_tiny() -> dict:
     import torch
 
     from kosmos.cli import main as kosmos_main
-    from kosmos.data import make_loader
-    from kosmos.tokenizer import KosmosTokenizer
-    from kosmos.train_config import load_train_config
-    from kosmos.train_log import MetricsLogger
-    from kosmos.train_setup import Dist, build_model, make_optimizer
-    from kosmos.trainer import Trainer
+    from kosmos.data.loader import make_loader
+    from kosmos.data.tokenizer import KosmosTokenizer
+    from kosmos.train.config import load_train_config
+    from kosmos.train.log import MetricsLogger
+    from kosmos.train.loop import Trainer
+    from kosmos.train.setup import Dist, build_model, make_optimizer
     from tests.kosmos.shapes_corpus import scenes, write_shards
 
     repo = Path(__file__).resolve().parent.parent

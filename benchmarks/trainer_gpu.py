@@ -1,7 +1,7 @@
 """The trainer's CUDA paths, run once on a GPU: ``python -m benchmarks run --only trainer_gpu --device cuda``.
 
 The GPU machine has no shards and no webdataset, so batches are made in memory in the loader's layout (64 image
-slots, labels -100 up to ``</image>``) and go through the same :class:`kosmos.trainer.Trainer` the CLI runs:
+slots, labels -100 up to ``</image>``) and go through the same :class:`kosmos.train.loop.Trainer` the CLI runs:
 
 - ``tiny``: bf16 autocast, 2 micro-batches per update, 40 updates on 8 cycled batches (the loss must fall); a
   poisoned batch (NaN pixels) must be skipped without touching the weights; a checkpoint written and read back.
@@ -68,16 +68,16 @@ def synthetic_batches(tokenizer, n: int, batch: int, text_len: int, image_size: 
 def _make_trainer(overrides: list[str], tokenizer, device, out: Path):
     import torch
 
-    from kosmos.train_config import load_train_config
-    from kosmos.train_log import MetricsLogger
-    from kosmos.train_setup import Dist, build_model, make_optimizer
-    from kosmos.trainer import Trainer
+    from kosmos.train.config import load_train_config
+    from kosmos.train.log import MetricsLogger
+    from kosmos.train.loop import Trainer
+    from kosmos.train.setup import Dist, build_model, make_optimizer
 
     base = ["tokenizer=unused", "data.sources=[{shards: [unused.tar]}]", f"run.output_dir={out}"]
     cfg = load_train_config(None, base + overrides)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer, device)
-    from kosmos.parallelize import parallelize
+    from kosmos.model.parallelize import parallelize
 
     module = parallelize(model, cfg.parallel, device)
     trainer = Trainer(
@@ -90,7 +90,7 @@ def _make_trainer(overrides: list[str], tokenizer, device, out: Path):
 def check_tiny(tokenizer, device, tmp: Path) -> dict:
     import torch
 
-    from kosmos.checkpoint import load_state_dict
+    from kosmos.model.checkpoint import load_state_dict
 
     sets = ["model.size=tiny", "run.precision=bf16", "run.grad_accum=2", "optim.lr=2.0e-3", "optim.warmup_steps=5"]
     sets += ["run.max_steps=40", "model.connector_init=block_pool", "model.freeze_vision=true"]
@@ -124,7 +124,7 @@ def check_large(tokenizer, device, tmp: Path, size: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from kosmos.checkpoint import load_state_dict
+    from kosmos.model.checkpoint import load_state_dict
 
     cuda = device.type == "cuda"
     if not dist.is_initialized():
@@ -180,15 +180,15 @@ def check_large(tokenizer, device, tmp: Path, size: str) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    # Resume as kosmos.train_run does: weights before wrapping, optimizer state after.
+    # Resume as kosmos.train.run does: weights before wrapping, optimizer state after.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from kosmos.parallelize import parallelize
-    from kosmos.train_config import load_train_config
-    from kosmos.train_log import MetricsLogger
-    from kosmos.train_setup import Dist, build_model, make_optimizer
-    from kosmos.train_state import read_optimizer_state
-    from kosmos.trainer import Trainer
+    from kosmos.model.parallelize import parallelize
+    from kosmos.train.config import load_train_config
+    from kosmos.train.log import MetricsLogger
+    from kosmos.train.loop import Trainer
+    from kosmos.train.setup import Dist, build_model, make_optimizer
+    from kosmos.train.state import read_optimizer_state
 
     cfg = load_train_config(
         None, ["tokenizer=unused", "data.sources=[{shards: [unused.tar]}]", f"run.output_dir={out}b", *sets]
@@ -215,7 +215,7 @@ def run(device: str) -> dict:
     stubbed = _stub_shard_readers()
     import torch
 
-    from kosmos.tokenizer import KosmosTokenizer
+    from kosmos.data.tokenizer import KosmosTokenizer
 
     smoke = os.environ.get("TRAINER_GPU_SMOKE") == "1"
     size = "tiny" if smoke else os.environ.get("TRAINER_GPU_SIZE", "kosmos2-base")

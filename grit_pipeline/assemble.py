@@ -31,8 +31,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from grit_core.record import containment_filter, sort_entries
 from grit_pipeline.grounding.detector import GroundingResult
-from grit_pipeline.record import containment_filter, sort_entries
 from grit_pipeline.text import Chunk, normalize_caption
 
 

@@ -6,37 +6,15 @@ importing torch or Ray. Each module defines ``add_arguments(parser)`` and ``run(
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
+
+from grit_core.cli import dispatch
 
 SUBCOMMANDS = {
     "phrases": ("grit_pipeline.phrases_cli", "show how captions are parsed into noun chunks and expressions"),
     "build": ("grit_pipeline.build", "build a GRIT corpus from image-caption pairs (Ray Data job)"),
     "stats": ("grit_pipeline.stats", "write the statistics report of a built corpus"),
 }
-
-
-def dispatch(prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
-    """Shared by ``grit`` and ``kosmos``: pick the subcommand, import its module, parse and run it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    width = max(12, *(len(name) + 2 for name in subcommands))
-    names = "\n".join(f"  {name:<{width}}{help_}" for name, (_, help_) in subcommands.items())
-    usage = (
-        f"usage: {prog} <command> [options]\n\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
-    )
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        return 0 if argv else 2
-    name = argv[0]
-    if name not in subcommands:
-        print(f"{prog}: unknown command {name!r}\n\n{usage}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(subcommands[name][0])
-    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=subcommands[name][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from typing import Any
 
 import fsspec
 
+from grit_core.record import KEY_PATTERN
 from grit_pipeline.config import InputConfig
-from grit_pipeline.record import KEY_PATTERN
 
 logger = logging.getLogger(__name__)
 

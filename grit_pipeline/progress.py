@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from grit_pipeline.record import DROP_REASONS
+from grit_core.record import DROP_REASONS
 from grit_pipeline.writer import STAGES
 
 

@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from grit_core.record import retained_spans
 from grit_pipeline.config import TextConfig
-from grit_pipeline.record import retained_spans
 
 # Components the noun-chunk rules need: tok2vec feeds tagger and parser (dependency labels drive noun_chunks and
 # subtrees), attribute_ruler + tagger give pos_ (pronoun filter), lemmatizer gives lemma_ (abstract-noun filter).

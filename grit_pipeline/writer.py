@@ -32,8 +32,8 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grit_pipeline.durable import atomic_file, atomic_write_bytes, fsync_dir
-from grit_pipeline.record import (
+from grit_core.durable import atomic_file, atomic_write_bytes, fsync_dir
+from grit_core.record import (
     STATUS_DROPPED,
     STATUS_KEPT,
     GritRecord,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from grit_pipeline.record import CHUNK_DROP_REASONS, DROP_REASONS, STATUS_DROPPED, STATUS_KEPT
+from grit_core.record import CHUNK_DROP_REASONS, DROP_REASONS, STATUS_DROPPED, STATUS_KEPT
 from grit_pipeline.stats.accumulators import BottomKSample, CountHistogram, Histogram, TopCounter
 from grit_pipeline.stats.corpus import Corpus, parse_time
 from grit_pipeline.stats.entries import CaptionBytes, flatten_entries, group_spans, head_words, lower, word_counts

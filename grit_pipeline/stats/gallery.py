@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from grit_pipeline.record import group_phrases, retained_spans
+from grit_core.record import group_phrases, retained_spans
 
 PALETTE = (
     "#e6194b",

@@ -129,7 +129,7 @@ def read_output(out: Path) -> dict:
     """Everything a build wrote that must be reproducible: records by key, index rows by key, shard stats."""
     import pyarrow.parquet as pq
 
-    from grit_pipeline.record import record_from_json
+    from grit_core.record import record_from_json
 
     records, rows, shards = {}, {}, []
     import tarfile

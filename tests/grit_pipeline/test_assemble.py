@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from grit_core.record import GritRecord, validate_record
 from grit_pipeline.assemble import (
     annotation_span,
     build_entries,
@@ -15,7 +16,6 @@ from grit_pipeline.assemble import (
 )
 from grit_pipeline.config import TextConfig
 from grit_pipeline.grounding.detector import Detection, GroundingResult
-from grit_pipeline.record import GritRecord, validate_record
 from grit_pipeline.text import Chunk, TextStage, normalize_caption
 
 

@@ -7,7 +7,7 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from grit_pipeline.record import DROP_REASONS, GritRecord, validate_record
+from grit_core.record import DROP_REASONS, GritRecord, validate_record
 from tests.grit_pipeline.conftest import (
     REFERENCE_SAMPLES,
     REFERENCE_SHARDS,

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from grit_core.record import KEY_PATTERN
 from grit_pipeline.config import InputConfig
 from grit_pipeline.inputs import InputError, InputFile, iter_samples, make_key, resolve_inputs, split_member_name
-from grit_pipeline.record import KEY_PATTERN
 from grit_pipeline.tar_reader import iter_tar
 from tests.grit_pipeline import pipeline_corpus as corpus
 

@@ -6,8 +6,8 @@ import pytest
 import spacy
 from spacy.tokens import Doc
 
+from grit_core.record import containment_filter
 from grit_pipeline.config import DEFAULT_ABSTRACT_NOUNS, TextConfig
-from grit_pipeline.record import containment_filter
 from grit_pipeline.text import (
     analyse_doc,
     check_caption,

@@ -9,7 +9,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from grit_pipeline.record import record_from_json, validate_record
+from grit_core.record import record_from_json, validate_record
 from grit_pipeline.writer import (
     TMP_DIR,
     ShardWriter,

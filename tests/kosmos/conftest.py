@@ -12,7 +12,7 @@ from kosmos_shards import CAPTIONS_WITH_TAGS, CORPUS
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from kosmos.tokenizer import KosmosTokenizer
+    from kosmos.data.tokenizer import KosmosTokenizer
 
     return KosmosTokenizer.train(CORPUS, vocab_size=600, min_frequency=2)
 

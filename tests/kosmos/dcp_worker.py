@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from kosmos.checkpoint_dcp import load_sharded, save_sharded
-from kosmos.parallelize import ParallelConfig, parallelize
-from kosmos.registry import create_model
-from kosmos.train_state import optimizer_state_to_files, write_json
+from kosmos.model.parallelize import ParallelConfig, parallelize
+from kosmos.model.registry import create_model
+from kosmos.train.checkpoint_dcp import load_sharded, save_sharded
+from kosmos.train.state import optimizer_state_to_files, write_json
 
 
 def batch(step: int, rank: int) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kosmos.checkpoint_dcp import (
+from kosmos.model.registry import create_model
+from kosmos.train.checkpoint_dcp import (
     DCP_DIR,
     DcpCheckpointError,
     is_sharded_checkpoint,
@@ -22,8 +23,7 @@ from kosmos.checkpoint_dcp import (
     load_sharded,
     save_sharded,
 )
-from kosmos.registry import create_model
-from kosmos.train_state import read_optimizer_state
+from kosmos.train.state import read_optimizer_state
 
 WORKER = Path(__file__).with_name("dcp_worker.py")
 REPO = Path(__file__).resolve().parents[2]

@@ -15,15 +15,15 @@ from transformers import (
     Kosmos2ForConditionalGeneration,
 )
 
-from kosmos.checkpoint import load_model, save_model
 from kosmos.cli import main as kosmos_main
-from kosmos.convert import (
+from kosmos.model.checkpoint import load_model, save_model
+from kosmos.model.hf import (
     hf_config_to_ours,
     hf_state_dict_to_ours,
     load_clip_vision,
     our_state_dict_to_hf,
 )
-from kosmos.registry import create_model
+from kosmos.model.registry import create_model
 
 VOCAB, LATENTS, IMAGE = 200, 4, 32
 B, T = 3, 16
@@ -199,7 +199,7 @@ def test_multiway_conversion_starts_image_ffn_from_text_ffn(hf_model, ours):
 
     cfg = dataclasses.replace(hf_config_to_ours(tiny_hf_config().to_dict()), multiway_ffn=True)
     sd = hf_state_dict_to_ours(hf_model.state_dict(), cfg)
-    from kosmos.model import KosmosModel
+    from kosmos.model.model import KosmosModel
 
     multiway = KosmosModel(cfg).eval()
     multiway.load_state_dict(sd, strict=True)

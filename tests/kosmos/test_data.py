@@ -13,12 +13,12 @@ import torch
 from kosmos_shards import CORPUS, shapes_sample, write_grit_shards, write_shard, write_text_jsonl
 from PIL import Image
 
-from grit_pipeline.config import load_config
-from kosmos.data import DataConfig, SourceConfig, make_loader
-from kosmos.image_transform import CLIP_MEAN, CLIP_STD, clip_transform, resize_crop_geometry
-from kosmos.location import box_to_patch_indices
-from kosmos.sequence import IGNORE_INDEX, parse_generated_ids, remap_box_to_crop
-from kosmos.shards import assign_shards, complete_shards, expand_shard_patterns
+from grit_core.config import load_config
+from kosmos.data.loader import DataConfig, SourceConfig, make_loader
+from kosmos.data.location import box_to_patch_indices
+from kosmos.data.sequence import IGNORE_INDEX, parse_generated_ids, remap_box_to_crop
+from kosmos.data.shards import assign_shards, complete_shards, expand_shard_patterns
+from kosmos.data.transform import CLIP_MEAN, CLIP_STD, clip_transform, resize_crop_geometry
 
 
 def grit_source(folder, **kw) -> SourceConfig:
@@ -297,8 +297,8 @@ def test_config_loads_from_yaml(tmp_path):
 def test_bad_config_is_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="sources is empty"):
         make_loader(DataConfig(), tokenizer)
-    with pytest.raises(ValueError, match="kind"):
-        make_loader(DataConfig(sources=[SourceConfig(kind="video", shards=["x"])]), tokenizer)
+    with pytest.raises(ValueError, match="kind' must be one of grit, caption, text"):
+        load_config(DataConfig, None, ["sources=[{kind: video, shards: [x]}]"])
     write_shard(tmp_path / "00000.tar", [], stats=False)
     with pytest.raises(FileNotFoundError, match="no complete shard"):
         make_loader(DataConfig(sources=[grit_source(tmp_path)]), tokenizer)

@@ -13,7 +13,7 @@ import torch
 from train_runs import REPO, last_json_line, train_args
 
 from kosmos.cli import main
-from kosmos.tokenizer import KosmosTokenizer
+from kosmos.data.tokenizer import KosmosTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from shapes_corpus import draw_scene, scenes
 from train_runs import last_json_line
 
 from kosmos.cli import main
-from kosmos.grounding_eval import best_iou
+from kosmos.eval.grounding import best_iou
 
 
 def generate(capsys, checkpoint, image, out, prompt="<grounding>") -> dict:

@@ -8,14 +8,14 @@ import sys
 import torch
 
 from benchmarks.kosmos_step import make_batch, train_flops
-from kosmos.registry import create_model, model_config
+from kosmos.model.registry import create_model, model_config
 
 
 def test_gpu_path_imports_no_pipeline_packages():
     # The GPU machine has torch, transformers, numpy and pillow only: no ray, spaCy or webdataset on this path.
     code = (
-        "import sys, benchmarks.kosmos_step, kosmos.model, kosmos.registry, kosmos.convert, kosmos.checkpoint, "
-        "kosmos.parallelize, kosmos.initialization\n"
+        "import sys, benchmarks.kosmos_step, kosmos.model, kosmos.model.hf, kosmos.model.parallelize, "
+        "kosmos.model.init, kosmos.model.generation\n"
         "print(sorted(m for m in ('ray', 'spacy', 'webdataset', 'pyarrow', 'grit_pipeline') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

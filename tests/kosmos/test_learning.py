@@ -20,7 +20,7 @@ import tarfile
 from train_runs import last_json_line, read_metrics, train_args
 
 from kosmos.cli import main
-from kosmos.grounding_eval import best_iou
+from kosmos.eval.grounding import best_iou
 
 
 def record_boxes(pattern: str) -> list[list[tuple]]:

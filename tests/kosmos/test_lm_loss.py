@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kosmos.lm_loss import IGNORE_INDEX, chunked_linear_cross_entropy
+from kosmos.model.lm_loss import IGNORE_INDEX, chunked_linear_cross_entropy
 
 
 def inputs(n: int = 37, d: int = 16, v: int = 50, seed: int = 0):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kosmos.location import (
+from kosmos.data.location import (
     NUM_BINS,
     box_to_patch_indices,
     location_tokens,

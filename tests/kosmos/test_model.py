@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kosmos.checkpoint import load_model, save_model
-from kosmos.initialization import patch_blocks
-from kosmos.model import DecoderBlock, KosmosConfig, KosmosModel, insert_image_embeds, make_positions
-from kosmos.registry import create_model, list_models, model_config
+from kosmos.model.checkpoint import CONFIG_NAME, load_model, save_model
+from kosmos.model.config import KosmosConfig
+from kosmos.model.init import apply_init, patch_blocks
+from kosmos.model.model import DecoderBlock, KosmosModel, insert_image_embeds, make_positions
+from kosmos.model.parallelize import freeze_vision, set_activation_checkpointing
+from kosmos.model.registry import create_model, list_models, model_config
 
 Q = 16  # tiny's latent queries
 
@@ -37,8 +40,10 @@ def test_registry_sizes_and_overrides():
     paper = model_config("kosmos2-1.6b")
     assert (paper.text.dim, paper.text.layers, paper.vision.width, paper.latent_query_num) == (2048, 24, 1024, 64)
     assert paper.num_image_tokens == 257 and paper.loc_token_start == 64013
-    cfg = model_config("tiny", text={"vocab_size": 3000}, loc_token_start=1976, freeze_vision=True)
-    assert (cfg.text.vocab_size, cfg.text.dim, cfg.loc_token_start, cfg.freeze_vision) == (3000, 64, 1976, True)
+    cfg = model_config("tiny", text={"vocab_size": 3000}, loc_token_start=1976, multiway_ffn=True)
+    assert (cfg.text.vocab_size, cfg.text.dim, cfg.loc_token_start, cfg.multiway_ffn) == (3000, 64, 1976, True)
+    with pytest.raises(ValueError, match="unknown KosmosConfig field 'freeze_vision'"):
+        model_config("tiny", freeze_vision=True)  # a run setting, not the architecture
     with pytest.raises(ValueError, match="unknown model"):
         model_config("huge")
     with pytest.raises(ValueError, match="unknown KosmosConfig field"):
@@ -102,7 +107,7 @@ def left_padded(ids, image_mask, pads):
 
 
 def test_kv_cache_steps_give_the_full_forward_logits(model):
-    from kosmos.model import KVCache
+    from kosmos.model.generation import KVCache
 
     pixels, ids, image_mask = batch(b=3, seed=1)
     ids, image_mask, attention = left_padded(ids, image_mask, [0, 3, 1])
@@ -166,8 +171,10 @@ def grads_of(model: KosmosModel, seed: int) -> dict[str, torch.Tensor]:
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = create_model("tiny")  # dropout 0.1 stays on: recomputation must replay the same masks
-    ckpt = create_model("tiny", gradient_checkpointing=True)
+    ckpt = create_model("tiny")
     ckpt.load_state_dict(plain.state_dict())
+    set_activation_checkpointing(ckpt)
+    assert ckpt.config == plain.config  # a run switch: the architecture's config does not record it
     assert all(block.checkpointing for block in [*ckpt.vision.blocks, *ckpt.blocks])
     g_plain, g_ckpt = grads_of(plain, 5), grads_of(ckpt, 5)
     assert g_plain.keys() == g_ckpt.keys() and len(g_plain) == len(list(plain.parameters()))
@@ -177,13 +184,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_frozen_vision_encoder_gets_no_gradients():
     torch.manual_seed(0)
-    model = create_model("tiny", freeze_vision=True)
+    model = create_model("tiny")
+    freeze_vision(model)
     grads = grads_of(model, 1)
     assert not any(name.startswith("vision.") for name in grads)
     assert "connector.dense.weight" in grads and "blocks.0.ffn.fc1.weight" in grads
     assert model.num_parameters(trainable_only=True) < model.num_parameters()
-    model.freeze_vision_encoder(False)
-    assert any(name.startswith("vision.") for name in grads_of(model, 1))
+    freeze_vision(model, trainable_blocks=1)
+    trained = {
+        name.split(".")[1] + "." + name.split(".")[2] for name in grads_of(model, 1) if name.startswith("vision.")
+    }
+    assert trained == {"blocks.1", "ln_post.weight", "ln_post.bias"}
+    freeze_vision(model, trainable_blocks=-1)
+    assert all(p.requires_grad for p in model.vision.parameters())
+    with pytest.raises(ValueError, match="3 trainable vision blocks"):
+        freeze_vision(model, trainable_blocks=3)
 
 
 def test_multiway_ffn_routes_image_and_text_positions():
@@ -213,7 +228,8 @@ def test_multiway_ffn_routes_image_and_text_positions():
 
 
 def test_sincos_location_embeddings():
-    model = create_model("tiny", loc_embed_init="sincos")
+    model = create_model("tiny")
+    apply_init(model, loc_embed="sincos")
     cfg = model.config
     loc = model.embed_tokens.weight[cfg.loc_token_start : cfg.loc_token_start + 1024].detach()
     torch.testing.assert_close(loc.pow(2).mean().sqrt(), torch.tensor(cfg.init_std))
@@ -226,7 +242,7 @@ def test_sincos_location_embeddings():
     plain = create_model("tiny")
     assert not torch.allclose(plain.embed_tokens.weight[1024:], model.embed_tokens.weight[1024:])
     with pytest.raises(ValueError, match="do not fit"):
-        create_model("tiny", loc_embed_init="sincos", loc_token_start=1500)
+        apply_init(create_model("tiny", loc_token_start=1500), loc_embed="sincos")
 
 
 def own_block_attention(model: KosmosModel, pixels: torch.Tensor) -> torch.Tensor:
@@ -249,7 +265,8 @@ def own_block_attention(model: KosmosModel, pixels: torch.Tensor) -> torch.Tenso
 
 def test_block_pool_connector_init_pools_one_block_per_query():
     torch.manual_seed(0)
-    pooled = create_model("tiny", connector_init="block_pool").eval()
+    pooled = create_model("tiny").eval()
+    apply_init(pooled, connector="block_pool")
     plain = create_model("tiny").eval()
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(3, 3, 64, 64, generator=g)
@@ -262,14 +279,14 @@ def test_block_pool_connector_init_pools_one_block_per_query():
     assert (e[0] - e[1]).norm() > 0.2 * e[0].norm()
     torch.testing.assert_close(e.pow(2).mean().sqrt(), torch.tensor(0.02), atol=0.01, rtol=0)
     with pytest.raises(ValueError, match="square"):
-        create_model("tiny", connector_init="block_pool", latent_query_num=12)
+        apply_init(create_model("tiny", latent_query_num=12), connector="block_pool")
 
 
 def test_all_init_options_together_train(tmp_path):
     torch.manual_seed(0)
-    model = create_model(
-        "tiny", connector_init="block_pool", loc_embed_init="sincos", freeze_vision=True, text={"dropout": 0.0}
-    )
+    model = create_model("tiny", text={"dropout": 0.0})
+    apply_init(model, connector="block_pool", loc_embed="sincos")
+    freeze_vision(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     pixels, ids, image_mask = batch(seed=6)
     losses = []
@@ -290,8 +307,8 @@ def test_checkpoint_round_trip(tmp_path, model):
     assert all(p.requires_grad for p in loaded.parameters()) and loaded.pos_table.shape == model.pos_table.shape
     with torch.no_grad():
         assert torch.equal(loaded(pixels, ids, image_mask).logits, model(pixels, ids, image_mask).logits)
-    frozen = load_model(tmp_path / "ck", freeze_vision=True, text={"dropout": 0.0})
-    assert frozen.config.freeze_vision and not any(p.requires_grad for p in frozen.vision.parameters())
+    quiet = load_model(tmp_path / "ck", text={"dropout": 0.0})
+    assert quiet.config.text.dropout == 0.0 and quiet.config.vision == model.config.vision
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "kosmos-2"}')
     with pytest.raises(ValueError, match="convert --from-hf"):
@@ -308,12 +325,34 @@ def test_bf16_autocast_with_padding_stays_finite(model):
 
 
 def test_config_round_trips_through_dict():
-    cfg = model_config("tiny", multiway_ffn=True, connector_init="block_pool")
+    cfg = model_config("tiny", multiway_ffn=True)
     assert KosmosConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown KosmosConfig fields"):
         KosmosConfig.from_dict({**cfg.to_dict(), "extra": 1})
-    with pytest.raises(ValueError, match="connector_init"):
-        dataclasses.replace(cfg, connector_init="magic")
+    with pytest.raises(ValueError, match="divisible"):
+        dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, heads=5))
+    with pytest.raises(ValueError, match="unknown initialisation"):
+        apply_init(create_model("tiny"), connector="magic")
+
+
+def test_checkpoint_with_the_old_run_fields_still_loads(tmp_path, model):
+    """Checkpoints written before the model config was the architecture only carry run flags in config.json."""
+    save_model(model, tmp_path / "old")
+    path = tmp_path / "old" / CONFIG_NAME
+    payload = json.loads(path.read_text())
+    payload["config"].update(freeze_vision=True, gradient_checkpointing=True, connector_init="block_pool",
+                             loc_embed_init="sincos")  # fmt: skip
+    path.write_text(json.dumps(payload))
+    loaded = load_model(tmp_path / "old")
+    assert loaded.config == model.config
+    assert all(p.requires_grad for p in loaded.parameters())  # the old flags do not freeze anything any more
+    assert not any(block.checkpointing for block in loaded.blocks)
+    pixels, ids, image_mask = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(pixels, ids, image_mask).logits, model(pixels, ids, image_mask).logits)
+    save_model(loaded, tmp_path / "new")  # and what it writes back is the architecture only
+    written = json.loads((tmp_path / "new" / CONFIG_NAME).read_text())["config"]
+    assert not {"freeze_vision", "gradient_checkpointing", "connector_init", "loc_embed_init"} & set(written)
 
 
 def test_right_padded_training_batches_give_the_same_loss_without_the_mask():

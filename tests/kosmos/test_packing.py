@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from kosmos.collate import collate_rows
-from kosmos.data_sources import LoaderSample
-from kosmos.model import document_mask, segment_positions
-from kosmos.registry import create_model
-from kosmos.sequence import SequenceConfig, build_image_text_sample, build_text_sample
+from kosmos.data.collate import collate_rows
+from kosmos.data.sequence import SequenceConfig, build_image_text_sample, build_text_sample
+from kosmos.data.sources import LoaderSample
+from kosmos.model.model import document_mask, segment_positions
+from kosmos.model.registry import create_model
 
 CAPTIONS = ["a red circle on a grey background", "two dogs run on the beach", "a small blue square"]
 

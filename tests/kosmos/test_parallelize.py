@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kosmos.parallelize import ParallelConfig, parallelize
-from kosmos.registry import create_model
+from grit_core.config import ConfigError, load_config
+from kosmos.model.parallelize import ParallelConfig, freeze_vision, parallelize
+from kosmos.model.registry import create_model
 
 
 def inputs():
@@ -18,11 +19,14 @@ def inputs():
     return torch.randn(2, 3, 64, 64, generator=g), ids, image_mask
 
 
-def twin_models(**overrides):
+def twin_models(frozen_vision: bool = False):
     torch.manual_seed(0)
-    a = create_model("tiny", text={"dropout": 0.0, "attention_dropout": 0.0}, **overrides)
-    b = create_model("tiny", text={"dropout": 0.0, "attention_dropout": 0.0}, **overrides)
+    a = create_model("tiny", text={"dropout": 0.0, "attention_dropout": 0.0})
+    b = create_model("tiny", text={"dropout": 0.0, "attention_dropout": 0.0})
     b.load_state_dict(a.state_dict())
+    if frozen_vision:
+        freeze_vision(a)
+        freeze_vision(b)
     return a, b
 
 
@@ -43,8 +47,8 @@ def process_group():
 
 
 def test_bad_mode_is_refused():
-    with pytest.raises(ValueError, match="data_parallel"):
-        ParallelConfig(data_parallel="tp")
+    with pytest.raises(ConfigError, match="data_parallel' must be one of none, ddp, fsdp"):
+        load_config(ParallelConfig, None, ["data_parallel=tp"])
 
 
 def test_activation_checkpointing_is_switched_on_and_matches():
@@ -59,7 +63,7 @@ def test_activation_checkpointing_is_switched_on_and_matches():
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_data_parallel_single_process_matches_plain(process_group, mode):
-    model, reference = twin_models(freeze_vision=True)
+    model, reference = twin_models(frozen_vision=True)
     wrapped = parallelize(model, ParallelConfig(data_parallel=mode, activation_checkpointing=True), device="cpu")
     logits, grad = step(wrapped, model)
     ref_logits, ref_grad = step(reference, reference)

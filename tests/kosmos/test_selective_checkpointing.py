@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.kosmos_step import make_batch
-from kosmos.parallelize import ParallelConfig, parallelize
-from kosmos.registry import create_model, model_config
+from kosmos.model.parallelize import ParallelConfig, parallelize
+from kosmos.model.registry import create_model, model_config
 
 
 def loss_and_grads(model, batch):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grit_pipeline.record import GritRecord
-from kosmos.sequence import (
+from grit_core.record import GritRecord
+from kosmos.data.sequence import (
     IGNORE_INDEX,
     Phrase,
     ReservedTokenInText,
@@ -185,7 +185,7 @@ def test_tags_written_in_captions_are_refused(tokenizer):
 def test_prompt_matches_transformers_processor(hf_folders):
     from transformers.models.kosmos2.processing_kosmos2 import Kosmos2Processor
 
-    from kosmos.tokenizer import KosmosTokenizer
+    from kosmos.data.tokenizer import KosmosTokenizer
 
     processor = Kosmos2Processor.from_pretrained(str(hf_folders["kosmos2"]))
     tok = KosmosTokenizer.from_pretrained(hf_folders["kosmos2"])
@@ -200,7 +200,7 @@ def test_grounded_sequence_matches_transformers_processor(hf_folders):
     (tags inserted between the tokens of the whole caption) give the same ids."""
     from transformers.models.kosmos2.processing_kosmos2 import Kosmos2Processor
 
-    from kosmos.tokenizer import KosmosTokenizer
+    from kosmos.data.tokenizer import KosmosTokenizer
 
     processor = Kosmos2Processor.from_pretrained(str(hf_folders["kosmos2"]))
     tok = KosmosTokenizer.from_pretrained(hf_folders["kosmos2"])

@@ -7,7 +7,7 @@ import json
 import pytest
 from kosmos_shards import CAPTIONS_WITH_TAGS, CORPUS, write_grit_shards, write_shard, write_text_jsonl
 
-from kosmos.tokenizer import TAG_TOKENS, KosmosTokenizer, TokenizerError
+from kosmos.data.tokenizer import TAG_TOKENS, KosmosTokenizer, TokenizerError
 
 SPEC_TAG_ORDER = [
     "</doc>",

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from train_runs import last_json_line, read_metrics, train_args
 
-from kosmos.checkpoint import load_model, load_state_dict
 from kosmos.cli import main
-from kosmos.train_state import latest_checkpoint, read_trainer_state
+from kosmos.model.checkpoint import load_model, load_state_dict
+from kosmos.train.state import latest_checkpoint, read_trainer_state
 
 SMALL = ("data.batch_size=8", "run.log_every=1", "model.overrides.text.dropout=0.1", "data.shuffle_initial=64")
 

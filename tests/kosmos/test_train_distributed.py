@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from train_runs import read_metrics, train_args
 
-from kosmos.train_state import latest_checkpoint
+from kosmos.train.state import latest_checkpoint
 
 
 def torchrun(shapes, out: Path, *sets: str) -> list[dict]:

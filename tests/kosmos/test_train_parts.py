@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from grit_pipeline.config import ConfigError
-from kosmos.generate import crop_box_to_pixels
-from kosmos.grounding_eval import baseline_boxes, best_iou, box_iou
-from kosmos.registry import create_model
-from kosmos.train_config import OptimConfig, load_train_config
-from kosmos.train_log import format_progress, truncate_metrics
-from kosmos.train_setup import lr_factor, param_groups
-from kosmos.train_state import (
+from grit_core.config import ConfigError
+from kosmos.eval.generate import crop_box_to_pixels
+from kosmos.eval.grounding import baseline_boxes, best_iou, box_iou
+from kosmos.eval.weight_diff import check_expectations, diff_state_dicts, module_of
+from kosmos.model.parallelize import freeze_vision
+from kosmos.model.registry import create_model
+from kosmos.train.config import OptimConfig, load_train_config
+from kosmos.train.log import format_progress, truncate_metrics
+from kosmos.train.setup import lr_factor, param_groups
+from kosmos.train.state import (
     STATE_FILE,
     CheckpointError,
     capture_rng_state,
@@ -31,7 +33,6 @@ from kosmos.train_state import (
     restore_rng_state,
     temporary_dir,
 )
-from kosmos.weight_diff import check_expectations, diff_state_dicts, module_of
 
 
 def test_schedule_warms_up_then_decays_linearly_to_zero():
@@ -52,7 +53,7 @@ def test_param_groups_decay_matrices_only_and_scale_the_vision_tower():
         for n, p in zip(ns, group["params"]):
             assert (group["weight_decay"] > 0) == (p.ndim >= 2 and not n.endswith("class_embedding")), n
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    model.freeze_vision_encoder(True)
+    freeze_vision(model)
     assert all(not names[id(p)].startswith("vision.") for g in param_groups(model, OptimConfig()) for p in g["params"])
 
 
@@ -194,7 +195,7 @@ def test_images_in_slot_order_match_the_per_row_layout():
 
 
 def test_build_model_sizes_to_the_tokenizer_and_freezes_as_asked(tokenizer):
-    from kosmos.train_setup import build_model
+    from kosmos.train.setup import build_model
 
     def model_with(*sets):
         cfg = load_train_config(None, ["tokenizer=tok", "data.sources=[{shards: [x.tar]}]", "model.size=tiny", *sets])
@@ -207,7 +208,8 @@ def test_build_model_sizes_to_the_tokenizer_and_freezes_as_asked(tokenizer):
     assert trainable and all(n.startswith(("blocks.1.", "ln_post.")) for n in trainable)
     assert all(p.requires_grad for p in model.blocks.parameters())
     frozen = model_with("model.freeze_vision=true")
-    assert not any(p.requires_grad for p in frozen.vision.parameters()) and frozen.config.freeze_vision
+    assert not any(p.requires_grad for p in frozen.vision.parameters())
+    assert frozen.config == model.config  # freezing is a run setting: the model's config stays the architecture
     with pytest.raises(ConfigError, match="contradict"):
         model_with("model.freeze_vision=true", "model.vision_trainable_blocks=0")
     with pytest.raises(ConfigError, match="has 2 blocks"):
@@ -250,9 +252,9 @@ def test_the_gpu_check_script_runs_without_the_shard_readers():
 
 
 def _trainer_for(tokenizer, tmp_path, *sets):
-    from kosmos.train_log import MetricsLogger
-    from kosmos.train_setup import Dist, build_model, make_optimizer
-    from kosmos.trainer import Trainer
+    from kosmos.train.log import MetricsLogger
+    from kosmos.train.loop import Trainer
+    from kosmos.train.setup import Dist, build_model, make_optimizer
 
     base = [
         "tokenizer=tok",
@@ -285,7 +287,7 @@ def test_gradient_accumulation_is_the_big_batch_update(tokenizer, tmp_path):
 def test_clip_vision_weights_load_into_a_scratch_model(tokenizer, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from kosmos.train_setup import build_model
+    from kosmos.train.setup import build_model
 
     clip_cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     clip_cfg.image_size, clip_cfg.patch_size = 64, 8
@@ -300,3 +302,21 @@ def test_clip_vision_weights_load_into_a_scratch_model(tokenizer, tmp_path):
         build_model(
             load_train_config(None, [*sets, "model.connector_init=block_pool"]), tokenizer, torch.device("cpu")
         )
+
+
+def test_old_run_flags_in_model_overrides_still_load():
+    """Configs written when the model config held run flags set them in model.overrides: they move to their fields."""
+    base = ["tokenizer=tok", "data.sources=[{shards: [x.tar]}]"]
+    old = "model.overrides={gradient_checkpointing: true, freeze_vision: true, connector_init: block_pool}"
+    cfg = load_train_config(None, [*base, old])
+    assert cfg.parallel.activation_checkpointing and cfg.model.freeze_vision
+    assert cfg.model.connector_init == "block_pool" and cfg.model.loc_embed_init == "random"
+    assert cfg.model.overrides == {}
+    kept = load_train_config(None, [*base, "model.overrides={text: {dropout: 0.0}, loc_embed_init: sincos}"])
+    assert kept.model.overrides == {"text": {"dropout": 0.0}} and kept.model.loc_embed_init == "sincos"
+    with pytest.raises(ConfigError, match="contradicts model.connector_init"):
+        load_train_config(None, [*base, "model.connector_init=block_pool", "model.overrides={connector_init: random}"])
+    with pytest.raises(ConfigError, match="freeze_vision: 'yes'"):
+        load_train_config(None, [*base, "model.overrides={freeze_vision: 'yes'}"])
+    with pytest.raises(ConfigError, match="precision' must be one of fp32, bf16"):
+        load_train_config(None, [*base, "run.precision=fp8"])

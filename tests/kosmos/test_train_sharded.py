@@ -14,9 +14,9 @@ import pytest
 import torch
 from train_runs import read_metrics, train_args
 
-from kosmos.checkpoint import load_model
-from kosmos.checkpoint_dcp import is_sharded_checkpoint
-from kosmos.train_state import latest_checkpoint, read_trainer_state
+from kosmos.model.checkpoint import load_model
+from kosmos.train.checkpoint_dcp import is_sharded_checkpoint
+from kosmos.train.state import latest_checkpoint, read_trainer_state
 
 COMMON = (
     "run.max_steps=6", "run.log_every=1", "run.checkpoint_every=2", "data.batch_size=4", "data.num_workers=0",
@@ -82,7 +82,7 @@ def test_kill_during_a_sharded_save_then_resume_matches_and_one_process_reads_it
     assert main(["eval", "--checkpoint", str(whole), "--shards", shapes["heldout"], "--max-samples", "8"]) == 0
     from safetensors.torch import load_file
 
-    from kosmos.convert import convert_to_hf
+    from kosmos.model.hf import convert_to_hf
 
     convert_to_hf(final, tmp_path / "hf")
     hf = load_file(str(tmp_path / "hf" / "model.safetensors"))

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from grit_pipeline.record import (
+from grit_core.record import (
     RECORD_FIELDS,
     STATUS_DROPPED,
     STATUS_KEPT,

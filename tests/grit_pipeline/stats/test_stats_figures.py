@@ -22,8 +22,8 @@ from stats_corpus_factory import (
     write_grit20m_parquet,
 )
 
+from grit_core.record import GritRecord, containment_filter, retained_spans
 from grit_pipeline.cli import main as grit_main
-from grit_pipeline.record import GritRecord, containment_filter, retained_spans
 
 PUNCT = "\"'()[]{}.,;:!?`*_-"
 

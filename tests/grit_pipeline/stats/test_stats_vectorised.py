@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grit_pipeline.record import ENTRY_TYPE, retained_spans
+from grit_core.record import ENTRY_TYPE, retained_spans
 from grit_pipeline.stats.accumulators import BottomKSample, CountHistogram, Histogram, TopCounter
 from grit_pipeline.stats.entries import CaptionBytes, flatten_entries, group_spans, head_words, word_counts
 
