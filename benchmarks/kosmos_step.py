@@ -340,8 +340,13 @@ def run_gpu_path() -> dict:
     }  # fmt: skip
     micro = [make_batch(cfg, batch_size, seq, device, seed=i) for i in range(accum)]
     warm_steps = 1 if smoke else 2
+    # gpu.sh stops a benchmark that runs past its budget, losing its JSON: stop starting variants before that.
+    budget_s, started = float(os.environ.get("KOSMOS_STEP_BUDGET_S", 230)), time.perf_counter()
 
     def measure(key: str, build, **extra) -> None:
+        if time.perf_counter() - started > budget_s:
+            result[key] = {"skipped": f"time budget of {budget_s:.0f} s spent (KOSMOS_STEP_BUDGET_S)"}
+            return
         torch.manual_seed(0)
         _reset_peak(device)
         tr = None
