@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU half of the benchmarks, for one H100/H200, in under 10 minutes:
 #   grounding    Grounding DINO-T size (random weights), bf16, batch sweep, vs the model-card loop
-#   kosmos_step  Kosmos-2 1.6B training step, ours vs Hugging Face, bf16, with MFU
+#   kosmos_step  Kosmos-2 1.6B training step (2 accumulated micro-batches of 16 x 512, one optimizer step), HF vs
+#                ours eager, whole forward+loss compiled, and FSDP2 bf16 compute weights + selective checkpointing;
+#                MFU on the positions computed; top-level device, tokens_per_s, mfu, speedup_vs_hf, date
 #   trainer_gpu  the trainer's CUDA paths: bf16 + accumulation + skip of a poisoned step (tiny), FSDP + compile +
 #                fused AdamW + checkpoint and resume (kosmos2-base; TRAINER_GPU_SIZE=kosmos2-1.6b for the paper's)
 # Imports only torch, transformers, numpy, pillow and this repository's modules.

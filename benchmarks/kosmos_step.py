@@ -34,6 +34,7 @@ from kosmos.model.parallelize import ParallelConfig, parallelize
 from kosmos.model.registry import model_config
 
 TARGET_RATIO = 1.3
+TARGET_MFU = 0.40
 
 # GPU name substring -> dense bf16 peak FLOP/s (first match wins).
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
@@ -49,12 +50,15 @@ def cpu_config() -> KosmosConfig:
     )
 
 
-def train_flops(cfg: KosmosConfig, batch: int, seq: int) -> float:
+def train_flops(cfg: KosmosConfig, batch: int, seq: int, lm_positions: int | None = None) -> float:
     """Model FLOPs of one training step (forward + backward) at this batch and text length.
 
     Each term is (matmul parameters x tokens through them) or, for attention, 2 x width x context x queries per
-    layer, so that 6x the sum is 6N per token plus PaLM's 12 x layers x width x context per query.
+    layer, so that 6x the sum is 6N per token plus PaLM's 12 x layers x width x context per query. The LM head
+    counts ``lm_positions`` positions per row (those with a target, where the training step computes it; default
+    all ``seq``).
     """
+    lm = seq if lm_positions is None else lm_positions
     v, t = cfg.vision, cfg.text
     n_img, q = cfg.num_image_tokens, cfg.latent_query_num
     vision = v.layers * (4 * v.width**2 + 2 * v.width * v.mlp_dim) * n_img
@@ -62,7 +66,7 @@ def train_flops(cfg: KosmosConfig, batch: int, seq: int) -> float:
     vision += 2 * v.layers * v.width * n_img * n_img
     connector = v.width * t.dim * n_img + 2 * t.dim**2 * (n_img + q) + 2 * t.dim**2 * q  # dense, kv, q + out
     connector += 2 * t.dim * (n_img + q) * q
-    decoder = (t.layers * (4 * t.dim**2 + 2 * t.dim * t.ffn_dim) + t.vocab_size * t.dim) * seq  # blocks + LM head
+    decoder = t.layers * (4 * t.dim**2 + 2 * t.dim * t.ffn_dim) * seq + t.vocab_size * t.dim * lm  # blocks, head
     decoder += 2 * t.layers * t.dim * seq * seq
     return 6.0 * (vision + connector + decoder) * batch
 
@@ -109,20 +113,33 @@ def build_ours(cfg: KosmosConfig, device: str):
 
 
 class Trainer:
-    """One model, its fused AdamW and the step function, timed the same way for every model."""
+    """One model, its fused AdamW and the training step, timed the same way for every model.
 
-    def __init__(self, model, batch: dict, device: str, autocast_dtype: torch.dtype | None, **model_kwargs):
-        self.model, self.batch, self.device, self.model_kwargs = model, batch, device, model_kwargs
+    One step is what the trainer does for one update: ``len(micro_batches)`` forward/backward passes (gradient
+    accumulation, each loss divided by the number of micro-batches), then one optimizer step.
+    """
+
+    def __init__(
+        self, model, micro_batches: list[dict], device: str, autocast_dtype: torch.dtype | None, loss_fn=None, **kw
+    ):
+        self.model, self.micro_batches, self.device = model, micro_batches, device
+        self.loss_fn = loss_fn or (lambda batch: model(**batch, **kw).loss)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
+        fused = torch.device(device).type == "cuda" or not _is_dtensor(params[0])
+        self.opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=fused)
         device_type = torch.device(device).type
         self.autocast = (lambda: torch.autocast(device_type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
         self.sync = torch.cuda.synchronize if device_type == "cuda" else None
 
     def step(self) -> None:
-        with self.autocast():
-            loss = self.model(**self.batch, **self.model_kwargs).loss
-        loss.backward()
+        n = len(self.micro_batches)
+        for i, batch in enumerate(self.micro_batches):
+            sync = getattr(self.model, "set_requires_gradient_sync", None)
+            if sync is not None:  # FSDP: reduce-scatter on the last micro-batch only, as the trainer does
+                sync(i == n - 1)
+            with self.autocast():
+                loss = self.loss_fn(batch)
+            (loss / n).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -136,6 +153,33 @@ class Trainer:
 
     def time(self, steps: int) -> list[float]:
         return repeat_timed(self.step, repeats=steps, warmup=0, sync=self.sync)
+
+
+def _is_dtensor(p) -> bool:
+    return hasattr(p, "full_tensor")
+
+
+def host_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The flat positions whose next token is a target, as the trainer computes them on the host."""
+    labels = batch["labels"].cpu()
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    return shifted.ne(-100).nonzero().squeeze(1)
+
+
+def ours_inputs(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """Our model's training inputs: no attention mask (rows are full), the target positions from the host."""
+    out = {k: v for k, v in batch.items() if k != "attention_mask"}
+    out["target_index"] = host_targets(batch).to(device)
+    return out
+
+
+def ours_loss(model):
+    """The whole training forward + loss, as one function to compile: no host syncs inside."""
+
+    def loss_fn(batch):
+        return model(**batch, reduction="mean", return_logits=False, images_in_slot_order=True, check_slots=False).loss
+
+    return loss_fn
 
 
 def _report(times: list[float], tokens: int, flops: float, peak: float | None, **extra) -> dict:
@@ -161,9 +205,10 @@ def _run_cpu() -> dict:
     torch.manual_seed(0)
     cfg, batch_size, seq, rounds, per_round = cpu_config(), 8, 192, 16, 1
     batch = make_batch(cfg, batch_size, seq, "cpu")
+    ours = build_ours(cfg, "cpu")
     trainers = {
-        "hf": Trainer(build_hf(cfg, "cpu"), batch, "cpu", None),
-        "ours": Trainer(build_ours(cfg, "cpu"), batch, "cpu", None, return_logits=False),
+        "hf": Trainer(build_hf(cfg, "cpu"), [batch], "cpu", None),
+        "ours": Trainer(ours, [ours_inputs(batch, "cpu")], "cpu", None, loss_fn=ours_loss(ours)),
     }
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for tr in trainers.values():
@@ -171,7 +216,7 @@ def _run_cpu() -> dict:
     for _ in range(rounds):  # alternate, so drift in machine load hits both
         for name, tr in trainers.items():
             times[name] += tr.time(per_round)
-    flops = train_flops(cfg, batch_size, seq)
+    flops = train_flops(cfg, batch_size, seq, lm_positions=target_positions(cfg, seq))
     tokens = batch_size * seq
     result = {
         "setting": {
@@ -191,7 +236,7 @@ def _run_cpu() -> dict:
     result["ratio"] = round(result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 3)
     # Best step against best step: the figure least disturbed by other load on a shared machine.
     result["ratio_min_step"] = round(result["hf"]["step_s"]["min_s"] / result["ours"]["step_s"]["min_s"], 3)
-    return result
+    return {**headline("cpu", result["ours"], result["ratio"]), **result}
 
 
 def _free() -> None:
@@ -209,80 +254,175 @@ def _reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def target_positions(cfg: KosmosConfig, seq: int) -> int:
+    """Positions per :func:`make_batch` row whose next token is a target (where our LM head runs)."""
+    # Labels start after </image> (position 2 + Q), so positions 2 + Q .. seq - 2 predict one: seq - Q - 3 of them.
+    return seq - cfg.latent_query_num - 3
+
+
+def headline(device: str, best: dict, speedup: float | None) -> dict:
+    """The top-level figures: the best of our step variants, and its speed against HF's."""
+    import datetime as _dt
+
+    return {
+        "device": device,
+        "tokens_per_s": best.get("tokens_per_s"),
+        "mfu": best.get("mfu"),
+        "speedup_vs_hf": speedup,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _single_rank_group(device: str) -> bool:
+    """A one-rank process group, so that FSDP2 (bf16 compute weights over fp32 masters) runs on one device."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+VARIANTS = ("hf", "ours_eager", "ours_compiled", "ours_fsdp_bf16")
+
+
 def run_gpu_path() -> dict:
+    """HF, then ours three ways, each with the same micro-batches and gradient accumulation:
+
+    - ``ours_eager``: bf16 autocast over fp32 weights, eager;
+    - ``ours_compiled``: the same, with the whole forward + loss compiled as one graph (no host syncs in it);
+    - ``ours_fsdp_bf16``: FSDP2 on one rank with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``
+      (bf16 compute weights gathered once per block, fp32 master weights, gradients and optimizer), the whole
+      forward + loss compiled, selective activation checkpointing (``KOSMOS_STEP_AC``: selective | full | none).
+    """
     smoke = os.environ.get("KOSMOS_STEP_SMOKE") == "1"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not smoke and device != "cuda":
         raise RuntimeError("no CUDA device (KOSMOS_STEP_SMOKE=1 runs this path on a tiny config on CPU)")
     size = "tiny" if smoke else "kosmos2-1.6b"
-    batch_size = int(os.environ.get("KOSMOS_STEP_BATCH", 2 if smoke else 8))
-    seq = int(os.environ.get("KOSMOS_STEP_SEQ", 64 if smoke else 512))
-    steps = int(os.environ.get("KOSMOS_STEP_STEPS", 2 if smoke else 10))
+    batch_size = _env_int("KOSMOS_STEP_BATCH", 2 if smoke else 16)
+    seq = _env_int("KOSMOS_STEP_SEQ", 64 if smoke else 512)
+    accum = _env_int("KOSMOS_STEP_ACCUM", 2)
+    steps = _env_int("KOSMOS_STEP_STEPS", 2 if smoke else 6)
     use_compile = os.environ.get("KOSMOS_STEP_COMPILE", "1") == "1"
+    ac = os.environ.get("KOSMOS_STEP_AC", "selective")
+    variants = [v for v in os.environ.get("KOSMOS_STEP_VARIANTS", ",".join(VARIANTS)).split(",") if v]
+    if not use_compile:
+        variants = [v for v in variants if v != "ours_compiled"]
     cfg = model_config(size)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     peak = next((p for key, p in PEAK_BF16 if key in name), None)
-    flops, tokens = train_flops(cfg, batch_size, seq), batch_size * seq
+    flops = train_flops(cfg, batch_size, seq, lm_positions=target_positions(cfg, seq)) * accum
+    tokens = batch_size * seq * accum
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     result: dict = {
         "setting": {
-            "size": size, "smoke": smoke, "device": name, "batch": batch_size, "seq": seq, "steps": steps,
-            "precision": "bf16 autocast, fp32 master weights", "optimizer": "AdamW fused", "dropout": cfg.text.dropout,
+            "size": size, "smoke": smoke, "device": name, "batch": batch_size, "seq": seq, "grad_accum": accum,
+            "tokens_per_step": tokens, "steps": steps, "activation_checkpointing": ac,
+            "precision": "bf16 compute, fp32 master weights", "optimizer": "AdamW fused, one step per accumulation",
+            "dropout": cfg.text.dropout,
+            "mfu_counts": "model FLOPs with the LM head at target positions only (where the step computes it)",
         },
         "flops_per_step": flops,
         "peak_bf16_flops": peak,
     }  # fmt: skip
-    batch = make_batch(cfg, batch_size, seq, device)
+    micro = [make_batch(cfg, batch_size, seq, device, seed=i) for i in range(accum)]
+    warm_steps = 1 if smoke else 2
+    # gpu.sh stops a benchmark that runs past its budget, losing its JSON: stop starting variants before that.
+    budget_s, started = float(os.environ.get("KOSMOS_STEP_BUDGET_S", 230)), time.perf_counter()
 
-    torch.manual_seed(0)
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    hf = build_hf(cfg, device)
-    build_s = time.perf_counter() - t0
-    tr = Trainer(hf, batch, device, torch.bfloat16)
-    warm = tr.warmup(3 if not smoke else 1)
-    times = tr.time(steps)
-    result["hf"] = _report(
-        times, tokens, flops, peak, build_s=round(build_s, 2), warmup_s=round(warm, 2), peak_mem_gib=_peak_gib(device),
-        attn_implementation=hf.config._attn_implementation,
-    )  # fmt: skip
-    del tr, hf
-    _free()
-
-    torch.manual_seed(0)
-    _reset_peak(device)
-    t0 = time.perf_counter()
-    ours = build_ours(cfg, device)
-    build_s = time.perf_counter() - t0
-    tr = Trainer(ours, batch, device, torch.bfloat16, return_logits=False)
-    warm = tr.warmup(3 if not smoke else 1)
-    times = tr.time(steps)
-    result["ours_eager"] = _report(
-        times, tokens, flops, peak, build_s=round(build_s, 2), warmup_s=round(warm, 2), peak_mem_gib=_peak_gib(device)
-    )
-    if use_compile:
+    def measure(key: str, build, **extra) -> None:
+        if time.perf_counter() - started > budget_s:
+            result[key] = {"skipped": f"time budget of {budget_s:.0f} s spent (KOSMOS_STEP_BUDGET_S)"}
+            return
+        torch.manual_seed(0)
+        _reset_peak(device)
+        tr = None
         try:
-            parallelize(ours, ParallelConfig(compile=True))
-            compile_s = tr.warmup(2)  # the first steps compile the vision and decoder block graphs
+            t0 = time.perf_counter()
+            tr = build()
+            build_s = time.perf_counter() - t0
+            warm = tr.warmup(warm_steps)  # compiles, for the compiled variants
             times = tr.time(steps)
-            result["ours_compiled"] = _report(
-                times, tokens, flops, peak, compile_s=round(compile_s, 2), peak_mem_gib=_peak_gib(device)
-            )
-        except Exception as exc:  # noqa: BLE001 - report the eager figures even if compilation fails here
-            result["ours_compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    del tr, ours
-    _free()
+            result[key] = _report(
+                times, tokens, flops, peak, build_s=round(build_s, 2), warmup_s=round(warm, 2),
+                peak_mem_gib=_peak_gib(device), **extra,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not hide the others' figures
+            result[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        finally:
+            del tr
+            _free()
 
-    hf_tps = result["hf"]["tokens_per_s"]
-    result["ratio_eager"] = round(result["ours_eager"]["tokens_per_s"] / hf_tps, 3)
-    if "tokens_per_s" in result.get("ours_compiled", {}):
-        result["ratio_compiled"] = round(result["ours_compiled"]["tokens_per_s"] / hf_tps, 3)
-    result["ratio"] = max(result["ratio_eager"], result.get("ratio_compiled", 0.0))
+    if "hf" in variants:
+
+        def build_hf_trainer():
+            hf = build_hf(cfg, device)
+            return Trainer(hf, micro, device, torch.bfloat16)
+
+        measure("hf", build_hf_trainer)
+    ours_micro = [ours_inputs(b, device) for b in micro]
+    if "ours_eager" in variants:
+
+        def build_eager():
+            model = build_ours(cfg, device)
+            return Trainer(model, ours_micro, device, torch.bfloat16, loss_fn=ours_loss(model))
+
+        measure("ours_eager", build_eager)
+    if "ours_compiled" in variants:
+
+        def build_compiled():
+            model = build_ours(cfg, device)
+            return Trainer(model, ours_micro, device, torch.bfloat16, loss_fn=torch.compile(ours_loss(model)))
+
+        measure("ours_compiled", build_compiled, compiled="whole forward + loss")
+    owns_group = False
+    if "ours_fsdp_bf16" in variants:
+        owns_group = _single_rank_group(device)
+
+        def build_fsdp():
+            model = build_ours(cfg, device)
+            parallel = ParallelConfig(
+                data_parallel="fsdp", fsdp_param_dtype="bfloat16", activation_checkpointing=ac != "none",
+                checkpoint_policy="selective" if ac == "selective" else "full",
+            )  # fmt: skip
+            parallelize(model, parallel, device)
+            loss_fn = ours_loss(model)
+            return Trainer(model, ours_micro, device, None, loss_fn=torch.compile(loss_fn) if use_compile else loss_fn)
+
+        measure("ours_fsdp_bf16", build_fsdp, compiled="whole forward + loss" if use_compile else "no")
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+    ours_keys = ("ours_eager", "ours_compiled", "ours_fsdp_bf16")
+    ours = [result[k] for k in ours_keys if "tokens_per_s" in result.get(k, {})]
+    best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else {}
+    hf_tps = result.get("hf", {}).get("tokens_per_s")
+    for key in ours_keys:
+        if hf_tps and "tokens_per_s" in result.get(key, {}):
+            result[f"ratio_{key.removeprefix('ours_')}"] = round(result[key]["tokens_per_s"] / hf_tps, 3)
+    speedup = round(best["tokens_per_s"] / hf_tps, 3) if best and hf_tps else None
+    result["ratio"] = speedup
+    result["best"] = next((k for k in ours_keys if result.get(k) is best), None)
     result["target_ratio"] = TARGET_RATIO
-    result["meets_target"] = result["ratio"] >= TARGET_RATIO
-    return result
+    result["target_mfu"] = TARGET_MFU
+    result["meets_target"] = bool(speedup and speedup >= TARGET_RATIO)
+    result["meets_mfu_target"] = bool(best.get("mfu") and best["mfu"] >= TARGET_MFU)
+    return {**headline(name, best, speedup), **result}
 
 
 def run(device: str) -> dict:

@@ -3,11 +3,13 @@
 The GPU machine has no shards and no webdataset, so batches are made in memory in the loader's layout (64 image
 slots, labels -100 up to ``</image>``) and go through the same :class:`kosmos.train.loop.Trainer` the CLI runs:
 
-- ``tiny``: bf16 autocast, 2 micro-batches per update, 40 updates on 8 cycled batches (the loss must fall); a
+- ``tiny``: bf16 autocast, packed rows' document mask (FlexAttention on CUDA), 2 micro-batches per update,
+  40 updates on 8 cycled batches (the loss must fall); a
   poisoned batch (NaN pixels) must be skipped without touching the weights; a checkpoint written and read back.
 - ``large`` (``kosmos2-base`` by default, ``TRAINER_GPU_SIZE=kosmos2-1.6b`` for the paper's size): FSDP2 on a
   one-rank process group, compiled blocks, activation checkpointing, bf16 parameters, fused AdamW; step time and
-  peak memory; a full-state checkpoint at step 4, then a fresh model resumed from it must give step 5's loss again.
+  peak memory; a full-state and a sharded (DCP) checkpoint at step 4, then a fresh model resumed from each must
+  give step 5's loss again.
 
 ``TRAINER_GPU_SMOKE=1`` runs both on the tiny size on whatever device is given (the CPU here, gloo for FSDP), to
 check the script. Modules the machine lacks but the trainer only imports for their config types (webdataset,
@@ -59,6 +61,7 @@ def synthetic_batches(tokenizer, n: int, batch: int, text_len: int, image_size: 
                 "attention_mask": torch.ones_like(ids),
                 "image_embeds_position_mask": image_mask,
                 "labels": labels,
+                "segment_ids": torch.ones_like(ids),  # one sample per row, no padding
                 "keys": [f"b{i}r{r}" for r in range(batch)],
             }
         )
@@ -94,6 +97,8 @@ def check_tiny(tokenizer, device, tmp: Path) -> dict:
 
     sets = ["model.size=tiny", "run.precision=bf16", "run.grad_accum=2", "optim.lr=2.0e-3", "optim.warmup_steps=5"]
     sets += ["run.max_steps=40", "model.connector_init=block_pool", "model.freeze_vision=true"]
+    # Packed rows' document mask; without attention dropout it runs through FlexAttention on CUDA.
+    sets += ["data.pack=true", "model.overrides={text: {attention_dropout: 0.0}}"]
     cfg, model, trainer = _make_trainer(sets, tokenizer, device, tmp / "tiny")
     batches = synthetic_batches(tokenizer, 8, 8, 24, model.config.vision.image_size, model.config.latent_query_num)
     losses = []
@@ -161,6 +166,11 @@ def check_large(tokenizer, device, tmp: Path, size: str) -> dict:
     t0 = time.perf_counter()
     path = trainer.save(None)
     save_s = time.perf_counter() - t0
+    # The same state as a sharded checkpoint (every rank its shards, nothing gathered), in another run folder.
+    trainer.cfg.run.checkpoint_format, trainer.out = "sharded", out / "sharded"
+    t0 = time.perf_counter()
+    sharded_path = trainer.save(None)
+    sharded_save_s = time.perf_counter() - t0
     step5 = trainer.train_step([batches[4]])
     tokens = batches[0]["input_ids"].numel()
     result = {
@@ -174,6 +184,7 @@ def check_large(tokenizer, device, tmp: Path, size: str) -> dict:
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "losses": [round(v, 4) for v in losses],
         "checkpoint_save_s": round(save_s, 2),
+        "sharded_checkpoint_save_s": round(sharded_save_s, 2),
         "step5_loss": step5.loss_sum / step5.targets,
     }
     del trainer, model
@@ -207,6 +218,24 @@ def check_large(tokenizer, device, tmp: Path, size: str) -> dict:
     result["resume_matches"] = abs(result["resumed_step5_loss"] - result["step5_loss"]) <= 1e-3 * abs(
         result["step5_loss"]
     )
+    del resumed, model, module, optimizer
+    gc.collect()
+    # Resume from the sharded checkpoint: load straight into the FSDP shards, after wrapping.
+    from kosmos.train.checkpoint_dcp import load_sharded
+
+    model = build_model(cfg, tokenizer, device)
+    module = parallelize(model, cfg.parallel, device)
+    optimizer = make_optimizer(model, cfg.optim)
+    t0 = time.perf_counter()
+    load_sharded(sharded_path, model, optimizer)
+    result["sharded_load_s"] = round(time.perf_counter() - t0, 2)
+    resumed = Trainer(cfg, model, module, optimizer, tokenizer, Dist(device=device), MetricsLogger(out, False, False))
+    resumed.step = 4
+    again = resumed.train_step([batches[4]])
+    result["sharded_resumed_step5_loss"] = again.loss_sum / again.targets
+    result["sharded_resume_matches"] = abs(result["sharded_resumed_step5_loss"] - result["step5_loss"]) <= 1e-3 * abs(
+        result["step5_loss"]
+    )
     dist.destroy_process_group()
     return result
 
@@ -227,5 +256,6 @@ def run(device: str) -> dict:
         tiny = check_tiny(tokenizer, dev, Path(tmp))
         large = check_large(tokenizer, dev, Path(tmp), size)
     ok = all(tiny[k] for k in ("loss_fell", "poisoned_step_skipped", "weights_unchanged_by_skipped_step",
-                               "checkpoint_round_trip_exact")) and large["resume_matches"]  # fmt: skip
+                               "checkpoint_round_trip_exact")) and large["resume_matches"] \
+        and large["sharded_resume_matches"]  # fmt: skip
     return {"stubbed_modules": stubbed, "smoke": smoke, "tiny": tiny, "large": large, "all_checks_pass": ok}

@@ -9,11 +9,14 @@ The batch contract (what the model and the trainer read):
   transformers' ``pixel_values``; text-only rows have no entry, so ``N`` can be smaller than ``B`` (even 0), and
   packed rows can hold several images. A model fills ``inputs_embeds[image_embeds_position_mask.bool()]`` with the
   ``N * 64`` image embeddings in that order.
+- ``segment_ids``: ``(B, T)`` int64, the sample each position belongs to, numbered 1, 2, ... within its row;
+  0 at padding.
 - ``num_images``: ``(B,)`` int64, images per row.
 - ``keys``, ``sources``: lists of str, one per sample in the batch, in order (for logging).
 
-Packed rows share one attention span (samples see earlier samples of their row), as in GPT-style pretraining;
-every sample starts with ``<s>``, which is never a target, and positions run on across the row.
+Packed rows do not leak: given ``segment_ids`` the model (``KosmosModel.forward``) attends within each sample only
+(a block-diagonal causal mask) and restarts positions with each sample, so a packed row's loss is the sum of its
+samples' losses run alone. Every sample starts with ``<s>``, never a target: a sample's last token predicts nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def collate_rows(
     width = max(lengths)
     if pad_to_multiple_of > 1:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    ids, attention, image_mask, labels = [], [], [], []
+    ids, attention, image_mask, labels, segments = [], [], [], [], []
     images, num_images, keys, sources = [], [], [], []
     for row, length in zip(rows, lengths):
         pad = width - length
@@ -43,6 +46,7 @@ def collate_rows(
         attention.append([1] * length + [0] * pad)
         image_mask.append([m for s in row for m in s.tokens.image_embeds_position_mask] + [0] * pad)
         labels.append([t for s in row for t in s.tokens.labels] + [IGNORE_INDEX] * pad)
+        segments.append([i for i, s in enumerate(row, 1) for _ in range(len(s.tokens))] + [0] * pad)
         row_images = [s.pixel_values for s in row if s.pixel_values is not None]
         images.extend(row_images)
         num_images.append(len(row_images))
@@ -59,6 +63,7 @@ def collate_rows(
         "attention_mask": torch.tensor(attention, dtype=torch.long),
         "image_embeds_position_mask": torch.tensor(image_mask, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
+        "segment_ids": torch.tensor(segments, dtype=torch.long),
         "num_images": torch.tensor(num_images, dtype=torch.long),
         "keys": keys,
         "sources": sources,

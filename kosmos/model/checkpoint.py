@@ -30,6 +30,13 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, **(metadata or {})})
+    return save_config(out, config)
+
+
+def save_config(directory: str | Path, config: KosmosConfig) -> Path:
+    """Write ``config.json`` (the weights beside it are ``model.safetensors`` or a sharded checkpoint's shards)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict()}
     (out / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return out
@@ -54,8 +61,14 @@ def load_config(directory: str | Path) -> KosmosConfig:
 
 
 def load_state_dict(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The folder's weights: ``model.safetensors``, or the shards of a sharded training checkpoint (gathered
+    whole on this process, ``kosmos.train.checkpoint_dcp``)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
+        from kosmos.train.checkpoint_dcp import is_sharded_checkpoint, load_full_model_state
+
+        if is_sharded_checkpoint(directory):
+            return load_full_model_state(directory, device)
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     return load_file(str(path), device=str(device))
 

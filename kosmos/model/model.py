@@ -15,9 +15,13 @@ Architectural choices, in data-flow order:
   positions start at ``pad_token_id + 1`` and pad tokens get the all-zero row ``pad_token_id``.
 - Input embeddings: token embeddings, with the image embeddings written into the slots marked by
   ``image_embeds_position_mask`` BEFORE the ``sqrt(dim)`` scale, then positions added.
-- LM head: tied to the token embeddings; the loss is the usual shifted cross-entropy with ignore index -100.
+- LM head: tied to the token embeddings; the loss is the usual shifted cross-entropy with ignore index -100. In
+  training (``return_logits=False``) the head runs only at target positions and in chunks
+  (``kosmos/model/lm_loss.py``), so the N x vocab logits never exist whole.
 - Attention goes through ``F.scaled_dot_product_attention``: ``is_causal=True`` (flash-eligible) when there is no
-  padding mask, otherwise an additive mask built exactly as HF builds it.
+  padding mask, otherwise an additive mask built exactly as HF builds it. Packed rows (``segment_ids``) get a
+  block-diagonal causal mask, each sample attending only to itself, and positions that restart with each sample:
+  FlexAttention on CUDA when attention dropout is off, otherwise SDPA with the boolean mask (exact on any device).
 - Optional, off by default: a multiway FFN (separate FFN weights for image and text positions, BEiT-3 style).
 The config (``kosmos/model/config.py``) is the architecture only. Training switches are applied from outside:
 freezing, activation checkpointing, compilation and data parallelism in ``kosmos/model/parallelize.py``, the
@@ -36,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kosmos.model.config import KosmosConfig, TextConfig, VisionConfig
 from kosmos.model.generation import generate
+from kosmos.model.lm_loss import chunked_linear_cross_entropy
 
 if TYPE_CHECKING:
     from kosmos.model.generation import KVCache
@@ -67,10 +72,13 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, past + T, hd)
-        if attn_mask is not None and attn_mask.dtype != q.dtype:
-            attn_mask = attn_mask.to(q.dtype)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = _flex_attention()(q, k, v, block_mask=attn_mask)
+        else:
+            if attn_mask is not None and attn_mask.dtype not in (q.dtype, torch.bool):
+                attn_mask = attn_mask.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         if self.inner_ln is not None:
             y = self.inner_ln(y)
@@ -236,6 +244,51 @@ def insert_image_embeds(x: torch.Tensor, image_embeds: torch.Tensor, image_mask:
     return torch.where(image_mask[..., None], gathered.to(x.dtype), x)
 
 
+def segment_positions(segment_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """Positions of packed rows: each sample (a run of equal non-zero ``segment_ids``) counts from
+    ``padding_idx + 1`` again, as if it were alone in its row; padding (segment 0) gets ``padding_idx``."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)  # (B, T): a sample begins
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # index where the sample began
+    pos = idx - first + padding_idx + 1
+    return torch.where(segment_ids > 0, pos, torch.full_like(pos, padding_idx))
+
+
+def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask, True where query t may attend key s: s <= t and both in the same sample.
+    Padding (segment 0) attends causally to padding only, so no row is empty and nothing leaks into a sample."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def document_block_mask(segment_ids: torch.Tensor):
+    """The :func:`document_mask` as a FlexAttention ``BlockMask`` (blocks that are fully masked are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = segment_ids.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
+
+    return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
+
+
+_FLEX = None
+
+
+def _flex_attention():
+    """FlexAttention, compiled once (eager flex_attention is a slow reference implementation)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
 def _should_checkpoint(block: nn.Module) -> bool:
     """Recompute this block in backward: inside the block, so FSDP wrapping the block stays outside the recompute."""
     return block.checkpointing and block.training and torch.is_grad_enabled()
@@ -342,10 +395,14 @@ class KosmosModel(nn.Module):
         loss_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
         cache: KVCache | None = None,
         reduction: str = "mean",
         return_logits: bool = True,
         images_in_slot_order: bool = False,
+        check_slots: bool = True,
+        flex_attention: bool | None = None,
     ) -> KosmosOutput:
         """Logits for every position and, given ``labels`` or ``loss_mask``, the causal-LM loss.
 
@@ -358,6 +415,16 @@ class KosmosModel(nn.Module):
         ``images_in_slot_order=True`` takes the loader's layout instead of HF's: pixel_values/image_embeds (N, ...)
         hold one image per block of Q slots, in the order the blocks appear reading the rows, so rows may have no
         image (text-only samples mixed in) or several (packed rows).
+
+        Packed rows: ``segment_ids`` (B, T) numbers the samples of each row 1, 2, ... (0 at padding); every sample
+        then attends only to itself and its positions restart (unless ``position_ids`` are given), so a packed row
+        scores exactly as its samples would alone. ``flex_attention`` forces (True) or forbids (False)
+        FlexAttention for that mask; None: on CUDA when attention dropout is off.
+
+        No host syncs, for a compiled training step: ``target_index`` (M,) lists the flat ``b * T + t`` positions
+        whose next token is a target (-1 entries are padding, ignored), computed on the host by the caller, so the
+        LM head runs on exactly those rows without a boolean gather; ``check_slots=False`` skips the image-slot
+        check (the caller checked the host copy with :meth:`check_image_slots`).
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
@@ -368,9 +435,9 @@ class KosmosModel(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds max_positions={t.max_positions}")
 
         has_image = pixel_values is not None or image_embeds is not None
-        if has_image and image_embeds_position_mask is not None:
+        if has_image and image_embeds_position_mask is not None and check_slots:
             images = (pixel_values if pixel_values is not None else image_embeds).shape[0]
-            self._check_image_slots(image_embeds_position_mask, images, images_in_slot_order)
+            self.check_image_slots(image_embeds_position_mask, images, images_in_slot_order)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)  # (B, Q, D)
         x = self.embed_tokens(input_ids)  # (B, T, D)
@@ -383,17 +450,31 @@ class KosmosModel(nn.Module):
         elif image_embeds_position_mask is not None and past == 0 and image_embeds_position_mask.any():
             raise ValueError("image_embeds_position_mask marks image slots but no pixel_values/image_embeds given")
         x = x * self.embed_scale
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training and scoring, not incremental decoding")
         if position_ids is None:
-            position_ids = make_positions(input_ids, t.pad_token_id, past)
+            if segment_ids is not None:
+                position_ids = segment_positions(segment_ids, t.pad_token_id)
+            else:
+                position_ids = make_positions(input_ids, t.pad_token_id, past)
         x = x + F.embedding(position_ids, self.pos_table).to(x.dtype)
         x = F.dropout(x, t.dropout, self.training)  # (B, T, D)
 
         attn_mask, is_causal = None, False
+        if segment_ids is not None:  # the padding is segment 0: the document mask covers it
+            attention_mask = None
         if attention_mask is not None and self.training and cache is None and _is_right_padded(attention_mask):
             # Causal attention alone gives every real token the same result, and pad positions carry no loss:
             # dropping the mask lets SDPA use its flash kernel. (Eval keeps HF's exact pad-position outputs.)
             attention_mask = None
-        if attention_mask is not None:
+        if segment_ids is not None:
+            use_flex = flex_attention
+            if use_flex is None:
+                use_flex = x.is_cuda and not (self.training and t.attention_dropout > 0)
+            if use_flex and self.training and t.attention_dropout > 0:
+                raise ValueError("FlexAttention has no attention dropout: set text.attention_dropout to 0")
+            attn_mask = document_block_mask(segment_ids) if use_flex else document_mask(segment_ids)
+        elif attention_mask is not None:
             attn_mask = decoder_attention_mask(attention_mask, past, T, _compute_dtype(x))
         elif past == 0:
             is_causal = T > 1
@@ -421,17 +502,26 @@ class KosmosModel(nn.Module):
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # position t predicts token t + 1
         if return_logits:
             logits = F.linear(x, self.embed_tokens.weight)  # (B, T, V)
-            scored = logits.view(B * T, -1)
+            scored = logits.view(B * T, -1).float()
+            loss = F.cross_entropy(scored, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+            return KosmosOutput(logits, loss)
+        flat = x.reshape(B * T, -1)
+        if target_index is None:
+            keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)  # one host sync (the count of targets)
+            hidden, targets = flat.index_select(0, keep), targets.index_select(0, keep)
         else:
-            keep = targets.ne(IGNORE_INDEX)  # one host sync for the boolean gather
-            logits, targets = None, targets[keep]
-            scored = F.linear(x.reshape(B * T, -1)[keep], self.embed_tokens.weight)  # (N, V)
-        loss = F.cross_entropy(scored.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
-        return KosmosOutput(logits, loss)
+            valid = target_index >= 0
+            index = target_index.clamp(min=0)
+            hidden = flat.index_select(0, index)  # (M, D)
+            targets = targets.index_select(0, index).masked_fill(~valid, IGNORE_INDEX)
+        loss = chunked_linear_cross_entropy(hidden, self.embed_tokens.weight, targets, reduction=reduction)
+        return KosmosOutput(None, loss)
 
     generate = generate  # (model, input_ids, ...) -> (B, T + n) token ids; see kosmos.model.generation
 
-    def _check_image_slots(self, image_mask: torch.Tensor, num_images: int, in_slot_order: bool = False) -> None:
+    def check_image_slots(self, image_mask: torch.Tensor, num_images: int, in_slot_order: bool = False) -> None:
+        """Raise ValueError unless ``image_mask`` has the slots for ``num_images`` images (host syncs on a GPU
+        tensor: call it on the host copy and pass ``check_slots=False`` to ``forward``)."""
         if torch.compiler.is_compiling():
             return
         counts = image_mask.bool().sum(dim=1)

@@ -1,5 +1,6 @@
 """Training-time switches applied from outside the model: a frozen vision tower (whole or all but its last blocks),
-activation checkpointing, per-block ``torch.compile``, and data parallelism (DDP, or FSDP2 ``fully_shard`` per
+activation checkpointing (whole blocks, or selective: matmul and attention outputs kept), per-block
+``torch.compile``, and data parallelism (DDP, or FSDP2 ``fully_shard`` per
 block). The model and its config know nothing of them: a saved ``config.json`` stays the architecture.
 
 Order matters and follows torchtitan: checkpointing lives inside each block, compilation replaces each block's
@@ -24,6 +25,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class ParallelConfig:
     data_parallel: Literal["none", "ddp", "fsdp"] = "none"  # ddp and fsdp need an initialised process group
     activation_checkpointing: bool = False  # recompute each vision and decoder block in backward
+    # "full": keep only each block's input; "selective": keep the outputs of matmuls and attention (the costly
+    # ops) and recompute the LayerNorms, activations and dropouts: most of the memory saving, little recompute.
+    checkpoint_policy: Literal["full", "selective"] = "full"
     compile: bool = False  # torch.compile each block; identical blocks share one compiled graph
     # e.g. "bfloat16": gather and compute in bf16, keep fp32 master weights
     fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -37,7 +41,9 @@ def parallelize(model: KosmosModel, cfg: ParallelConfig, device: torch.device | 
 
     DDP returns a wrapper (the model is ``wrapper.module``); FSDP and the rest modify ``model`` in place and return it.
     """
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and cfg.checkpoint_policy == "selective":
+        apply_selective_checkpointing(model)
+    elif cfg.activation_checkpointing:
         set_activation_checkpointing(model, True)
     if cfg.compile:
         compile_blocks(model)
@@ -79,6 +85,47 @@ def set_activation_checkpointing(model: KosmosModel, enabled: bool = True) -> No
     """Recompute every vision and decoder block in backward (inside the block, so FSDP units stay outside)."""
     for block in _blocks(model):
         block.checkpointing = enabled
+
+
+def _selective_policy():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    saved = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default}
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
+        if hasattr(aten, name):
+            saved.add(getattr(aten, name).default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_selective_checkpointing(model: KosmosModel) -> None:
+    """Recompute each block's cheap ops in backward, keeping its matmul and attention outputs (op-level selective
+    activation checkpointing). Wraps each block's ``forward`` (parameter names unchanged); decoding with a KV
+    cache and evaluation run the block as is."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    context_fn = partial(create_selective_checkpoint_contexts, _selective_policy())
+    for block in _blocks(model):
+        inner = block.forward
+
+        def forward(*args, _inner=inner, _block=block, **kwargs):
+            cache = kwargs.get("cache", args[4] if len(args) > 4 else None)
+            if not (_block.training and torch.is_grad_enabled()) or cache is not None:
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+        block.forward = forward
 
 
 def compile_blocks(model: KosmosModel) -> None:

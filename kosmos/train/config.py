@@ -81,6 +81,10 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3  # most recent checkpoints kept (the final one always is)
+    # "full": model and optimizer gathered on rank 0 into one safetensors file each; "sharded": every rank writes
+    # its own shards with torch.distributed.checkpoint (no gathering; loads reshard to another world size).
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    async_checkpoint: bool = False  # sharded only: write in the background; the checkpoint completes later
     tensorboard: bool = True
     # A step whose loss or gradient norm is not finite is skipped and counted; this many in a row stop the run.
     max_consecutive_nonfinite: int = 5
@@ -137,6 +141,8 @@ class TrainConfig:
             raise ConfigError(f"run.stop_at_step must be in [0, run.max_steps], got {r.stop_at_step}")
         if r.max_consecutive_nonfinite < 1:
             raise ConfigError("run.max_consecutive_nonfinite must be >= 1")
+        if r.async_checkpoint and r.checkpoint_format != "sharded":
+            raise ConfigError("run.async_checkpoint needs run.checkpoint_format: sharded")
         try:
             self.data.validate()
         except ValueError as exc:

@@ -8,6 +8,12 @@ Then the gradient norm is clipped, and a step whose loss or gradient norm is not
 (gradients dropped, the schedule does not advance) and counted; ``run.max_consecutive_nonfinite`` such steps in a
 row stop the run with an error naming the step and the batch's sample keys. SIGTERM/SIGINT (``request_stop``)
 finish the step, save a checkpoint and stop; every rank decides together, in the same all-reduce.
+
+The step has no host syncs between the batch's transfer and the gradient norm: the target positions and the
+image-slot check are computed on the host copy of the batch, and packed rows pass their ``segment_ids`` (each sample
+attends only to itself). Checkpoints are "full" (gathered on rank 0) or "sharded" (``kosmos.train.checkpoint_dcp``:
+every rank writes its shards, optionally in the background; the checkpoint is named in ``latest`` only once every
+shard is on disk).
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import torch.distributed as dist
 
 from grit_core.config import dump_config
 from kosmos.data.tokenizer import KosmosTokenizer
-from kosmos.model.checkpoint import save_checkpoint
+from kosmos.model.checkpoint import save_checkpoint, save_config
 from kosmos.model.hf import SIDE_FILES
 from kosmos.model.model import IGNORE_INDEX, KosmosModel
+from kosmos.train.checkpoint_dcp import save_sharded
 from kosmos.train.config import TrainConfig
 from kosmos.train.log import MetricsLogger, format_progress
 from kosmos.train.setup import Dist, lr_factor
@@ -46,6 +53,15 @@ from kosmos.train.state import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def target_positions(labels: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """Flat ``b * T + t`` positions whose next token is a target, computed on the host, padded with -1 to a multiple
+    of ``multiple`` (fewer distinct shapes for a compiled step)."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    index = shifted.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    pad = -index.numel() % multiple
+    return torch.cat([index, index.new_full((pad,), -1)]) if pad else index
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +117,7 @@ class Trainer:
         self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp)
         self.start_step = 0
         self.stop_signal: int | None = None
+        self.pending: tuple[Any, int, dict[str, Any]] | None = None  # an asynchronous save: (future, step, counters)
 
     # ----- one update -----
 
@@ -113,15 +130,21 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's inputs on the device; what needs a look at the values is done here, on the host copy."""
         dev = self.env.device
         pixels = batch["pixel_values"]
         nb = dev.type == "cuda"
-        return {
+        self.model.check_image_slots(batch["image_embeds_position_mask"], pixels.shape[0], in_slot_order=True)
+        inputs = {
             "pixel_values": pixels.to(dev, non_blocking=nb) if pixels.shape[0] else None,
             "input_ids": batch["input_ids"].to(dev, non_blocking=nb),
             "image_embeds_position_mask": batch["image_embeds_position_mask"].to(dev, non_blocking=nb),
             "labels": batch["labels"].to(dev, non_blocking=nb),
+            "target_index": target_positions(batch["labels"]).to(dev, non_blocking=nb),
         }
+        if self.cfg.data.pack:
+            inputs["segment_ids"] = batch["segment_ids"].to(dev, non_blocking=nb)
+        return inputs
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepStats:
         """Forward and backward over the micro-batches, clip, and an optimizer step unless something is not
@@ -138,7 +161,9 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             inputs = self._to_device(batch)
             with self._micro_batch_sync(i == len(micro_batches) - 1), self.autocast():
-                out = self.module(**inputs, reduction="sum", return_logits=False, images_in_slot_order=True)
+                out = self.module(
+                    **inputs, reduction="sum", return_logits=False, images_in_slot_order=True, check_slots=False
+                )
             (out.loss * scale).backward()
             loss_sum += out.loss.detach().float()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -215,6 +240,7 @@ class Trainer:
                 self.save(loader)
         if self.last_saved != self.step:
             self.save(loader)
+        self.finish_pending()
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: finish the current step, save, stop. A second signal gets the default behaviour."""
@@ -224,6 +250,7 @@ class Trainer:
     def _stop(self, loader: Any) -> None:
         if self.last_saved != self.step:
             self.save(loader)
+        self.finish_pending()
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal on another rank"
         raise TrainingStopped(
             f"stopped by {name} at step {self.step}; checkpoint {step_dir_name(self.step)} is saved, "
@@ -299,19 +326,37 @@ class Trainer:
         raise OSError(f"injected fault while writing the checkpoint of step {self.step} ({stage})")
 
     def save(self, loader: Any) -> Path | None:
-        """Write the checkpoint of the current step (every rank takes part; rank 0 writes the shared files)."""
+        """Write the checkpoint of the current step (every rank takes part; rank 0 writes the shared files).
+
+        Asynchronous sharded saves return None: the checkpoint completes (and is named in ``latest``) at the next
+        save or at the end of the run, once every rank's shards are on disk (:meth:`finish_pending`).
+        """
+        self.finish_pending()
         env, step = self.env, self.step
+        run = self.cfg.run
+        sharded = run.checkpoint_format == "sharded"
         tmp = temporary_dir(self.out, step)
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         env.barrier()
-        model_sd, optim_sd = self._state_dicts()
         final = None
         try:
+            future = None
+            if sharded:
+                future = save_sharded(
+                    tmp, self.model, self.optimizer, rank=env.rank, world_size=env.world_size,
+                    asynchronous=run.async_checkpoint,
+                )  # fmt: skip
+                if env.is_main:
+                    save_config(tmp, self.model.config)
+                    self._fault("model")
+            else:
+                model_sd, optim_sd = self._state_dicts()
+                if env.is_main:
+                    save_checkpoint(tmp, model_sd, self.model.config, metadata={"step": str(step)})
+                    self._fault("model")
             if env.is_main:
-                save_checkpoint(tmp, model_sd, self.model.config, metadata={"step": str(step)})
-                self._fault("model")
                 self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
                 if self.cfg.model.init == "checkpoint":  # processor files travel on (`kosmos convert --to-hf`)
                     for name in SIDE_FILES:
@@ -319,23 +364,54 @@ class Trainer:
                             shutil.copy2(Path(self.cfg.model.checkpoint) / name, tmp / name)
                 dump_config(self.cfg, tmp / CONFIG_YAML)
             write_rank_files(tmp, env.rank, loader.state_dict() if loader is not None else None)
-            env.barrier()
-            if env.is_main:
-                write_state_files(tmp, step=step, state=self.counters(), optimizer=optim_sd, fault=self._fault)
-                final = finalize_checkpoint(self.out, step, self.cfg.run.keep_checkpoints)
-            env.barrier()
+            self.last_saved = step
+            if future is not None:
+                self.pending = (future, step, self.counters())
+                return None
+            final = self._complete(step, self.counters(), None if sharded else optim_sd)
         except OSError as exc:
-            if env.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            last = latest_checkpoint(self.out)
-            raise TrainingError(
-                f"writing the checkpoint of step {step} failed ({exc}); the last complete checkpoint is "
-                f"{last if last is not None else 'none'}, and --resume continues from it"
-            ) from exc
-        self.last_saved = step
+            self._failed(step, tmp, exc)
         if final is not None:
             self.logger.print(f"checkpoint: {final}")
         return final
+
+    def finish_pending(self) -> Path | None:
+        """Wait for an asynchronous save to reach the disk on every rank, then complete it."""
+        if self.pending is None:
+            return None
+        future, step, counters = self.pending
+        self.pending = None
+        final = None
+        try:
+            future.result()
+            final = self._complete(step, counters, None)
+        except OSError as exc:
+            self._failed(step, temporary_dir(self.out, step), exc)
+        if final is not None:
+            self.logger.print(f"checkpoint: {final}")
+        return final
+
+    def _complete(self, step: int, counters: dict[str, Any], optim_sd: dict[str, Any] | None) -> Path | None:
+        """After every rank has written its part: rank 0 writes the state file and makes the checkpoint final."""
+        env = self.env
+        env.barrier()
+        final = None
+        if env.is_main:
+            write_state_files(
+                temporary_dir(self.out, step), step=step, state=counters, optimizer=optim_sd, fault=self._fault
+            )
+            final = finalize_checkpoint(self.out, step, self.cfg.run.keep_checkpoints)
+        env.barrier()
+        return final
+
+    def _failed(self, step: int, tmp: Path, exc: OSError) -> None:
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(self.out)
+        raise TrainingError(
+            f"writing the checkpoint of step {step} failed ({exc}); the last complete checkpoint is "
+            f"{last if last is not None else 'none'}, and --resume continues from it"
+        ) from exc
 
     def counters(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from kosmos.data.transform import resolve_image_frame
 from kosmos.model.checkpoint import load_state_dict, save_model
 from kosmos.model.model import KosmosModel
 from kosmos.model.parallelize import parallelize
+from kosmos.train.checkpoint_dcp import is_sharded_checkpoint, load_sharded
 from kosmos.train.config import TrainConfig
 from kosmos.train.log import MetricsLogger
 from kosmos.train.loop import Trainer
@@ -99,13 +100,17 @@ def _run(cfg: TrainConfig, resume: bool, env: Dist) -> dict[str, Any]:
         seq.image_frame, cfg.model.checkpoint if cfg.model.init == "checkpoint" else None
     )
     state = read_trainer_state(resume_from) if resume_from is not None else None
+    sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
     if state is not None:
         if state["world_size"] != env.world_size:
             raise ConfigError(
                 f"{resume_from} was saved by {state['world_size']} ranks, this run has {env.world_size}: resuming "
-                "exactly needs the same number (the loader's position is per rank)"
+                "exactly needs the same number (the loader's position is per rank); to continue from its weights "
+                "at another world size, start a new run with model.init: checkpoint and model.checkpoint: "
+                f"{resume_from}"
             )
-        model.load_state_dict(load_state_dict(resume_from, env.device), strict=True)
+        if not sharded:  # a sharded checkpoint loads after parallelize, straight into each rank's shards
+            model.load_state_dict(load_state_dict(resume_from, env.device), strict=True)
     elif env.is_main and cfg.model.init == "scratch" and run.save_initial_weights:
         save_model(model, out / INITIAL_WEIGHTS_DIR)
     if env.is_main:
@@ -118,8 +123,10 @@ def _run(cfg: TrainConfig, resume: bool, env: Dist) -> dict[str, Any]:
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        optim_state = read_optimizer_state(resume_from)
-        if optim_state is not None:
+        optim_state = None if sharded else read_optimizer_state(resume_from)
+        if sharded:
+            load_sharded(resume_from, model, optimizer)
+        elif optim_state is not None:
             options = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=options)
         trainer.load_counters(state)

@@ -46,3 +46,22 @@ def test_benchmark_batch_has_the_kosmos_layout():
     assert (batch["labels"][:, : 2 + 16 + 1] == -100).all() and (batch["labels"][:, 19:] >= 3).all()
     out = create_model("tiny")(**batch, return_logits=False)
     assert torch.isfinite(out.loss)
+
+
+def test_mfu_counts_the_lm_head_only_where_it_runs():
+    from benchmarks.kosmos_step import ours_inputs, target_positions
+
+    cfg = model_config("tiny")
+    batch = make_batch(cfg, 2, 40, "cpu")
+    lm = target_positions(cfg, 40)
+    assert ours_inputs(batch, "cpu")["target_index"].numel() == 2 * lm  # the rows the LM head computes
+    saved = train_flops(cfg, 2, 40) - train_flops(cfg, 2, 40, lm_positions=lm)
+    assert saved == 6 * 2 * (40 - lm) * cfg.text.vocab_size * cfg.text.dim
+
+
+def test_headline_has_the_top_level_keys():
+    from benchmarks.kosmos_step import headline
+
+    head = headline("NVIDIA H200", {"tokens_per_s": 5.0, "mfu": 0.41}, 1.5)
+    assert set(head) == {"device", "tokens_per_s", "mfu", "speedup_vs_hf", "date"}
+    assert head["mfu"] == 0.41 and head["speedup_vs_hf"] == 1.5
