@@ -210,6 +210,21 @@ def _cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
     return total, largest
 
 
+def _warn_if_busy(demand: list[StageDemand], largest: dict[str, float], cfg: GritConfig) -> None:
+    """The plan fits the cluster, but not what is free of it now: say which pools will wait, and how long."""
+    import ray
+
+    free = {k: float(v) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    busy = capacity_problem(demand, free, largest)
+    if busy:
+        limit = actor_start_timeout(cfg)
+        logger.warning(
+            "other work holds part of the Ray cluster (%s); the stages wait for it %s",
+            busy.replace("the cluster has", "the cluster has free"),
+            "for ever" if limit < 0 else f"up to {limit} s (ray.actor_start_timeout_s)",
+        )
+
+
 def check_capacity(cfg: GritConfig, num_gpus: float | None = None) -> None:
     """Refuse a plan the cluster cannot hold (Ray would wait for ever for its actors), naming the pools and the
     missing resources. ``ray.wait_for_resources_s`` > 0 first waits that long for the cluster to grow (an
@@ -223,8 +238,10 @@ def check_capacity(cfg: GritConfig, num_gpus: float | None = None) -> None:
     t0 = time.monotonic()
     warned = False
     while True:
-        problem = capacity_problem(demand, *_cluster_resources())
+        total, largest = _cluster_resources()
+        problem = capacity_problem(demand, total, largest)
         if not problem:
+            _warn_if_busy(demand, largest, cfg)
             return
         waited = time.monotonic() - t0
         if wait >= 0 and waited >= wait:

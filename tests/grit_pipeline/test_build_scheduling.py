@@ -131,6 +131,9 @@ def test_actors_pending_on_a_busy_cluster_fail_within_the_timeout(
         extra = [*half, "ray.actor_start_timeout_s=10"]
         code, out, seconds = _build(address, env, build_args(small_input, tmp_path / "out", build_overrides, extra))
         assert code == 1, out
+        # Said before the job starts: which pools will wait, for how long; then Ray's own timeout ends the job.
+        assert "other work holds part of the Ray cluster" in out and "up to 10 s" in out, out
+        assert "grounding (1 actor x 0.5 CPU)" in out, out
         assert "starting actors" in out and "enough resources" in out, out
         assert seconds < 150, f"took {seconds:.0f} s"
     finally:
