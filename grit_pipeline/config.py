@@ -6,6 +6,8 @@ Loading (YAML file, then ``--set a.b=c`` overrides, unknown keys and bad types r
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from grit_core.config import ConfigError, config_to_dict, dump_config, load_config  # noqa: F401 (re-exported)
@@ -36,12 +38,24 @@ DEFAULT_ABSTRACT_NOUNS = (
 
 @dataclass
 class StageResources:
-    """How Ray runs one stage: an actor pool of ``actors`` workers, each reserving ``num_cpus``/``num_gpus``."""
+    """How Ray runs one stage: a pool of ``actors`` workers (tasks for reading), each reserving ``num_cpus`` and
+    ``num_gpus``, given ``batch_size`` rows per call.
 
-    actors: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    batch_size: int = 64
+    Every stage declares its defaults (``grit_pipeline/stages``); in a config (``ray.stages.<stage>``) a field left
+    unset (``None``) keeps the stage's default, so ``--set ray.stages.text.batch_size=64`` changes only that field.
+    """
+
+    actors: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None  # -1 (grounding): one GPU per actor where the cluster has GPUs, none where not
+    batch_size: int | None = None
+
+    def over(self, default: StageResources) -> StageResources:
+        """These settings, with every unset field taken from ``default``."""
+        return StageResources(
+            **{f.name: getattr(default, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+               for f in dataclasses.fields(self)}
+        )  # fmt: skip
 
 
 @dataclass
@@ -52,7 +66,6 @@ class TextConfig:
     max_caption_chars: int = 1000
     # Captions per nlp.pipe call; spaCy's own default is 1000, smaller batches keep actor memory flat.
     pipe_batch_size: int = 256
-    resources: StageResources = field(default_factory=lambda: StageResources(actors=1, num_cpus=1, batch_size=256))
 
 
 @dataclass
@@ -66,7 +79,6 @@ class ImageConfig:
     # Decode JPEGs at the smallest DCT scale that still covers the detector's input size (Pillow's draft mode):
     # several times faster on large photos; the stored bytes are untouched.
     jpeg_draft: bool = True
-    resources: StageResources = field(default_factory=lambda: StageResources(actors=1, num_cpus=1, batch_size=32))
 
 
 @dataclass
@@ -92,10 +104,6 @@ class DetectorConfig:
     deterministic_cpu: bool = True
     # Opt-in for a randomly initialised tiny detector when weights are unavailable (demo only: boxes are noise).
     allow_random_weights: bool = False
-    # num_gpus -1 = one GPU per actor where the Ray cluster has GPUs, none (CPU) where it has none.
-    resources: StageResources = field(
-        default_factory=lambda: StageResources(actors=1, num_cpus=1, num_gpus=-1, batch_size=8)
-    )
     # Test-only fault injection: an actor raises SystemExit after this many batches (0 = never).
     fault_after_batches: int = 0
 
@@ -111,9 +119,6 @@ class InputConfig:
     # Bounds on input tar archives (hostile input): members per tar and bytes per member.
     max_tar_members: int = 1_000_000
     max_member_bytes: int = 64 * 1024 * 1024
-    # Read tasks: at most ``actors`` input files read at once, each task reserving ``num_cpus``;
-    # ``batch_size`` samples per block sent downstream.
-    resources: StageResources = field(default_factory=lambda: StageResources(actors=2, num_cpus=0.5, batch_size=32))
 
 
 @dataclass
@@ -135,10 +140,27 @@ class RayConfig:
     num_cpus: int = 0  # local Ray only; 0 = all cores
     num_gpus: int = -1  # local Ray only; -1 = detect
     object_store_memory: int = 0  # local Ray only; 0 = Ray's default
+    # Per stage (read, text, decode, grounding): pool size, CPUs/GPUs per worker, rows per call. Only the fields
+    # set here differ from the stage's declared defaults (docs/cluster.md lists them).
+    stages: dict[str, StageResources] = field(default_factory=dict)
+    # A plan that needs more CPUs/GPUs than the cluster has: 0 = refuse at once; N = wait up to N seconds for the
+    # cluster to grow (an autoscaler adding nodes); -1 = wait for ever.
+    wait_for_resources_s: float = 0.0
+    # Longest wait for one stage's actors to be placed and set up (model loading included) once the job runs,
+    # e.g. on a cluster busy with other jobs; -1 = no limit.
+    actor_start_timeout_s: float = 600.0
 
 
 @dataclass
 class GritConfig:
+    # Keys of earlier releases, still accepted: each moves to its new place before the config is built.
+    ALIASES: typing.ClassVar[dict[str, str]] = {
+        "input.resources": "ray.stages.read",
+        "text.resources": "ray.stages.text",
+        "image.resources": "ray.stages.decode",
+        "detector.resources": "ray.stages.grounding",
+    }
+
     input: InputConfig = field(default_factory=InputConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)

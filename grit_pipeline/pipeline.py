@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
-from grit_pipeline.config import GritConfig, StageResources, dump_config
+from grit_pipeline.config import GritConfig, dump_config
 from grit_pipeline.inputs import InputError, InputFile, resolve_inputs
 from grit_pipeline.manifest import (
     CONFIG_COPY,
@@ -73,9 +74,47 @@ class BuildOutcome:
 
 
 def stage_cpus(cfg: GritConfig) -> float:
-    """Logical CPUs the actor pools reserve for the whole run, plus one read task."""
-    pools = (cfg.text.resources, cfg.image.resources, cfg.detector.resources)
-    return sum(r.actors * r.num_cpus for r in pools) + cfg.input.resources.num_cpus
+    """Logical CPUs the plan reserves for the whole run: every actor pool, plus one read task."""
+    return sum(d.cpus for d in stage_demand(cfg))
+
+
+@dataclass
+class StageDemand:
+    """What one stage holds while the build runs: ``workers`` actors (one task for a source stage) of
+    ``cpus_each``/``gpus_each``."""
+
+    stage: str
+    workers: int
+    cpus_each: float
+    gpus_each: float
+    kind: str = "actor"  # or "task" (reading)
+
+    @property
+    def cpus(self) -> float:
+        return self.workers * self.cpus_each
+
+    @property
+    def gpus(self) -> float:
+        return self.workers * self.gpus_each
+
+    def describe(self) -> str:
+        gpus = f" + {self.gpus_each:g} GPU" if self.gpus_each else ""
+        plural = "s" if self.workers != 1 else ""
+        return f"{self.stage} ({self.workers} {self.kind}{plural} x {self.cpus_each:g} CPU{gpus})"
+
+
+def stage_demand(cfg: GritConfig, auto_gpus: float = 0.0) -> list[StageDemand]:
+    """Per stage, in plan order, the resources it holds; ``auto_gpus`` is what ``num_gpus: -1`` stands for."""
+    from grit_pipeline.stages import STAGES, SourceStage
+
+    out = []
+    for stage in STAGES:
+        res = stage.resources_for(cfg)
+        source = issubclass(stage, SourceStage)
+        workers = 1 if source else max(1, res.actors)  # reading needs one task at a time, not a pool
+        gpus = auto_gpus if res.num_gpus < 0 else res.num_gpus
+        out.append(StageDemand(stage.name, workers, res.num_cpus, gpus, "task" if source else "actor"))
+    return out
 
 
 def start_ray(cfg: GritConfig) -> bool:
@@ -113,35 +152,114 @@ def configure_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
 
 
-def grounding_gpus(cfg: GritConfig) -> float:
-    """GPUs per grounding actor: as configured, or (``-1``) one where the cluster has GPUs, none where it has none."""
-    requested = cfg.detector.resources.num_gpus
-    if requested >= 0:
-        return requested
+def auto_gpus() -> float:
+    """What ``num_gpus: -1`` means on the Ray cluster this process is connected to: one GPU where it has GPUs."""
     import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def check_capacity(cfg: GritConfig, num_gpus: float) -> None:
-    """Refuse a plan the cluster can never schedule (Ray would wait forever for actors)."""
+def grounding_gpus(cfg: GritConfig) -> float:
+    """GPUs per grounding actor: as configured, or (``-1``) one where the cluster has GPUs, none where it has none."""
+    from grit_pipeline.stages import GroundingStage
+
+    requested = GroundingStage.resources_for(cfg).num_gpus
+    return requested if requested >= 0 else auto_gpus()
+
+
+def capacity_problem(demand: list[StageDemand], total: dict[str, float], largest: dict[str, float]) -> str:
+    """Why a cluster with ``total`` resources (its largest node: ``largest``) cannot hold ``demand``; "" if it can.
+
+    Pools are placed in plan order; the message names the pools that do not fit and what is missing.
+    """
+    problems = []
+    for d in demand:
+        for kind, each in (("CPU", d.cpus_each), ("GPU", d.gpus_each)):
+            if each > largest.get(kind, 0.0) + 1e-9:
+                problems.append(
+                    f"one {d.stage} worker needs {each:g} {kind}, the largest node has {largest.get(kind, 0.0):g}"
+                )
+    for kind, attr in (("CPU", "cpus"), ("GPU", "gpus")):
+        need = sum(getattr(d, attr) for d in demand)
+        have = total.get(kind, 0.0)
+        if need <= have + 1e-9:
+            continue
+        used, short = 0.0, []
+        for d in demand:
+            used += getattr(d, attr)
+            if getattr(d, attr) and used > have + 1e-9:
+                short.append(d.describe())
+        parts = ", ".join(f"{d.stage} {getattr(d, attr):g}" for d in demand if getattr(d, attr))
+        problems.append(
+            f"the stages reserve {need:g} {kind} ({parts}) but the cluster has {have:g}: {need - have:g} {kind} "
+            f"missing; pool(s) that do not fit: {'; '.join(short)}"
+        )
+    return "; ".join(problems)
+
+
+def _cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
     import ray
 
-    have = ray.cluster_resources()
-    need_cpu = stage_cpus(cfg)
-    need_gpu = cfg.detector.resources.actors * num_gpus
-    if need_gpu > have.get("GPU", 0):
-        raise BuildRefused(
-            f"the grounding stage needs {need_gpu:g} GPU(s) ({cfg.detector.resources.actors} actor(s) x {num_gpus:g}) "
-            f"but the Ray cluster has {have.get('GPU', 0):g}: lower detector.resources.actors or num_gpus"
+    total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        for kind in ("CPU", "GPU"):
+            largest[kind] = max(largest.get(kind, 0.0), float(node.get("Resources", {}).get(kind, 0.0)))
+    return total, largest
+
+
+def _warn_if_busy(demand: list[StageDemand], largest: dict[str, float], cfg: GritConfig) -> None:
+    """The plan fits the cluster, but not what is free of it now: say which pools will wait, and how long."""
+    import ray
+
+    free = {k: float(v) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    busy = capacity_problem(demand, free, largest)
+    if busy:
+        limit = actor_start_timeout(cfg)
+        logger.warning(
+            "other work holds part of the Ray cluster (%s); the stages wait for it %s",
+            busy.replace("the cluster has", "the cluster has free"),
+            "for ever" if limit < 0 else f"up to {limit} s (ray.actor_start_timeout_s)",
         )
-    if need_cpu > have.get("CPU", 0) and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        raise BuildRefused(
-            f"the stages reserve {need_cpu:g} CPUs but ray.num_cpus={have.get('CPU', 0):g}: raise ray.num_cpus "
-            "(0 = enough for the stages) or lower the stages' actors/num_cpus"
-        )
-    if need_cpu > have.get("CPU", 0):
-        logger.warning("the stages reserve %g CPUs, the cluster has %g: waiting for the autoscaler", need_cpu, have)
+
+
+def check_capacity(cfg: GritConfig, num_gpus: float | None = None) -> None:
+    """Refuse a plan the cluster cannot hold (Ray would wait for ever for its actors), naming the pools and the
+    missing resources. ``ray.wait_for_resources_s`` > 0 first waits that long for the cluster to grow (an
+    autoscaler), -1 for ever; an embedded local Ray never grows, so there it refuses at once.
+
+    ``num_gpus``: what ``num_gpus: -1`` resolves to (default: from the cluster).
+    """
+    demand = stage_demand(cfg, auto_gpus() if num_gpus is None else num_gpus)
+    joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    wait = cfg.ray.wait_for_resources_s if joined else 0.0
+    t0 = time.monotonic()
+    warned = False
+    while True:
+        total, largest = _cluster_resources()
+        problem = capacity_problem(demand, total, largest)
+        if not problem:
+            _warn_if_busy(demand, largest, cfg)
+            return
+        waited = time.monotonic() - t0
+        if wait >= 0 and waited >= wait:
+            if joined:
+                hint = (
+                    "lower ray.stages.<stage>.actors or num_cpus/num_gpus, add nodes, or set "
+                    "ray.wait_for_resources_s to wait for an autoscaler"
+                )
+                if wait > 0:
+                    hint = f"waited {waited:.0f} s; " + hint
+            else:
+                hint = "raise ray.num_cpus (0 = enough for the stages) or lower ray.stages.<stage>.actors or num_cpus"
+            raise BuildRefused(f"the Ray cluster cannot hold this plan: {problem}; {hint}")
+        if not warned:
+            limit = "for ever" if wait < 0 else f"up to {wait:g} s"
+            logger.warning("the Ray cluster cannot hold this plan yet (%s): waiting %s for it to grow", problem, limit)
+            warned = True
+        time.sleep(min(2.0, max(0.1, wait - waited)) if wait > 0 else 2.0)
 
 
 def hub_environment(cfg: GritConfig) -> dict[str, str]:
@@ -200,43 +318,43 @@ def preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | N
         raise BuildRefused(message) from None
 
 
+def actor_start_timeout(cfg: GritConfig) -> int:
+    """Seconds Ray Data waits for each pool's actors to be placed and set up before failing; -1 = no limit."""
+    limits = (cfg.ray.actor_start_timeout_s, cfg.ray.wait_for_resources_s)
+    if any(v < 0 for v in limits):
+        return -1
+    return max(1, math.ceil(max(limits)))
+
+
 def build_dataset(
-    cfg: GritConfig, units: list[dict[str, Any]], detector_factory, num_gpus: float, env: dict[str, str] | None = None
+    cfg: GritConfig,
+    units: list[dict[str, Any]],
+    detector_factory: Callable[[GritConfig], Any] | None = None,
+    num_gpus: float | None = None,
+    env: dict[str, str] | None = None,
 ):
-    """The Ray Data plan; each stage's pool size, CPUs, GPUs and batch size come from the config."""
+    """The Ray Data plan: the input units through every stage of ``grit_pipeline.stages.STAGES``, in order.
+
+    Each stage's pool size, CPUs, GPUs and batch size come from ``ray.stages.<name>`` over its declared defaults;
+    ``num_gpus`` is what ``num_gpus: -1`` stands for (default: one where the cluster has GPUs). A pool whose actors
+    cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever.
+    """
     import ray
 
-    from grit_pipeline.stages import GroundingActor, ImageActor, TextActor, read_stage
+    from grit_pipeline.stages import STAGES, BuildContext
+    from grit_pipeline.stages.ray_adapter import add_stage
 
-    def actors(res: StageResources) -> ray.data.ActorPoolStrategy:
-        return ray.data.ActorPoolStrategy(size=max(1, res.actors))
-
-    read, text, image, det = (cfg.input.resources, cfg.text.resources, cfg.image.resources, cfg.detector.resources)
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(
-        read_stage,
-        fn_kwargs={"cfg": cfg},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=read.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=max(1, min(read.actors, len(units)))),
+    ray.data.DataContext.get_current().wait_for_min_actors_s = actor_start_timeout(cfg)
+    context = BuildContext(
+        detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
     )
-
-    def actor_stage(ds, actor_cls, res: StageResources, kwargs: dict[str, Any], **resources):
-        return ds.map_batches(
-            actor_cls,
-            fn_constructor_kwargs=kwargs,
-            batch_size=res.batch_size,
-            batch_format="pyarrow",
-            num_cpus=res.num_cpus,
-            compute=actors(res),
-            **resources,
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    for i, stage in enumerate(STAGES):
+        later = {reason for s in STAGES[i + 1 :] for reason in s.reconsiders}
+        ds = add_stage(
+            ds, stage, cfg, context, max_tasks=len(units), final=i == len(STAGES) - 1, keep_image_for=tuple(later)
         )
-
-    ds = actor_stage(ds, TextActor, text, {"cfg": cfg})
-    ds = actor_stage(ds, ImageActor, image, {"cfg": cfg})
-    grounding_kwargs = {"cfg": cfg, "detector_factory": detector_factory, "env": env or {}}
-    return actor_stage(ds, GroundingActor, det, grounding_kwargs, num_gpus=num_gpus)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,14 +371,17 @@ def validate_settings(cfg: GritConfig) -> None:
         problems.append(f"output.id_type must be auto, int64 or string, got {cfg.output.id_type!r}")
     if cfg.detector.kind not in ("grounding_dino", "annotations"):
         problems.append(f"detector.kind must be grounding_dino or annotations, got {cfg.detector.kind!r}")
-    for name, res in (
-        ("input", cfg.input.resources),
-        ("text", cfg.text.resources),
-        ("image", cfg.image.resources),
-        ("detector", cfg.detector.resources),
-    ):
-        if res.actors < 1 or res.batch_size < 1 or res.num_cpus < 0:
-            problems.append(f"{name}.resources: actors and batch_size must be >= 1 and num_cpus >= 0")
+    from grit_pipeline.stages import STAGE_NAMES, STAGES
+
+    unknown = sorted(set(cfg.ray.stages) - set(STAGE_NAMES))
+    if unknown:
+        problems.append(f"ray.stages.{unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
+    for stage in STAGES:
+        res = stage.resources_for(cfg)
+        if res.actors < 1 or res.batch_size < 1 or res.num_cpus < 0 or not (res.num_gpus >= 0 or res.num_gpus == -1):
+            problems.append(
+                f"ray.stages.{stage.name}: actors and batch_size must be >= 1, num_cpus >= 0, num_gpus >= 0 or -1"
+            )
     if not cfg.output.path:
         problems.append("output.path is empty: pass --output DIR")
     if problems:

@@ -11,10 +11,8 @@ between Ray workers.
 from __future__ import annotations
 
 import logging
-import time
 import unicodedata
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from grit_core.record import retained_spans
@@ -211,7 +209,7 @@ def load_spacy(name: str):
 
 
 class TextStage:
-    """Callable stage: raw captions in, :class:`TextResult` out, counted.
+    """Callable stage: raw captions in, :class:`TextResult` out (the pipeline's text stage counts them).
 
     ``setup()`` loads spaCy once per worker (Ray calls it in the actor); ``__call__`` normalises, checks and parses a
     batch with ``nlp.pipe``. Captions dropped by the caption rules never reach the parser.
@@ -221,8 +219,6 @@ class TextStage:
         self.cfg = cfg or TextConfig()
         self.abstract_nouns = frozenset(n.lower() for n in self.cfg.abstract_nouns)
         self.nlp = None
-        self.counts: Counter[str] = Counter()
-        self.seconds = 0.0
 
     def setup(self) -> TextStage:
         if self.nlp is None:
@@ -231,7 +227,6 @@ class TextStage:
 
     def __call__(self, captions: Sequence[str | None]) -> list[TextResult]:
         self.setup()
-        t0 = time.perf_counter()
         results: list[TextResult | None] = [None] * len(captions)
         to_parse: list[int] = []
         texts: list[str] = []
@@ -245,20 +240,7 @@ class TextStage:
         docs = self.nlp.pipe(texts, batch_size=self.cfg.pipe_batch_size)
         for i, doc in zip(to_parse, docs):
             results[i] = analyse_doc(doc, self.abstract_nouns, self.cfg.drop_pronouns)
-        self._count(results)
-        self.seconds += time.perf_counter() - t0
         return results  # type: ignore[return-value]
-
-    def _count(self, results: Iterable[TextResult | None]) -> None:
-        c = self.counts
-        for r in results:
-            c["captions"] += 1
-            if r.drop_reason is not None:
-                c[f"dropped_{r.drop_reason}"] += 1
-            c["chunks_found"] += r.num_chunks_found
-            c["chunks_kept"] += len(r.chunks)
-            for d in r.dropped_chunks:
-                c[f"chunks_filtered_{d.reason}"] += 1
 
 
 def describe(result: TextResult) -> dict:

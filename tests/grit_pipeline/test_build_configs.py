@@ -1,18 +1,29 @@
-"""The shipped configs load, and configs/default.yaml says exactly what the dataclasses default to."""
+"""The shipped configs load, and configs/default.yaml says exactly what the dataclasses and stages default to."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from grit_pipeline.config import GritConfig, config_to_dict, load_config
+from grit_pipeline.stages import STAGES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_default_yaml_is_the_defaults():
-    assert config_to_dict(load_config(GritConfig, CONFIGS / "default.yaml")) == config_to_dict(GritConfig())
+    cfg = load_config(GritConfig, CONFIGS / "default.yaml")
+    written, defaults = config_to_dict(cfg), config_to_dict(GritConfig())
+    listed = written["ray"].pop("stages")
+    defaults["ray"].pop("stages")
+    assert written == defaults
+    # Every stage is listed with every field, at the value the stage declares.
+    assert set(listed) == {s.name for s in STAGES}
+    for stage in STAGES:
+        assert listed[stage.name] == dataclasses.asdict(stage.resources)
+        assert stage.resources_for(cfg) == stage.resources_for(GritConfig()) == stage.resources
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "grit-paper.yaml"])

@@ -97,3 +97,44 @@ def test_literal_fields_are_checked_by_the_loader():
     assert load_config(_LiteralTop, None, ["part.mode=mean"]).part.mode == "mean"
     with pytest.raises(ConfigError, match="part.mode' must be one of mean, max"):
         load_config(_LiteralTop, None, ["part.mode=median"])
+
+
+def test_stage_resources_override_field_by_field_over_the_declared_defaults():
+    from grit_pipeline.stages import CaptionStage, GroundingStage, ReadStage
+
+    cfg = load_config(GritConfig, None, ["ray.stages.grounding.batch_size=4", "ray.stages.read.actors=8"])
+    grounding = GroundingStage.resources_for(cfg)
+    assert (grounding.batch_size, grounding.num_gpus, grounding.actors) == (4, -1, 1)  # the rest stays
+    assert ReadStage.resources_for(cfg).num_cpus == 0.5 and ReadStage.resources_for(cfg).actors == 8
+    assert CaptionStage.resources_for(cfg) == CaptionStage.resources
+    with pytest.raises(ConfigError, match="unknown key 'ray.stages.text.actorz'"):
+        load_config(GritConfig, None, ["ray.stages.text.actorz=2"])
+    with pytest.raises(ConfigError, match="'ray.stages.text.actors' must be an integer"):
+        load_config(GritConfig, None, ["ray.stages.text.actors=many"])
+
+
+@pytest.mark.parametrize(
+    ("old", "stage"),
+    [("input", "read"), ("text", "text"), ("image", "decode"), ("detector", "grounding")],
+)
+def test_old_resources_keys_are_aliases(tmp_path, old, stage):
+    from grit_pipeline.stages import STAGES
+
+    (cls,) = [s for s in STAGES if s.name == stage]
+    by_override = load_config(GritConfig, None, [f"{old}.resources.actors=3", f"{old}.resources.batch_size=5"])
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{old}:\n  resources: {{actors: 3, batch_size: 5}}\n")
+    by_file = load_config(GritConfig, path)
+    for cfg in (by_override, by_file):
+        res = cls.resources_for(cfg)
+        assert (res.actors, res.batch_size, res.num_cpus) == (3, 5, cls.resources.num_cpus)
+        assert cfg.ray.stages[stage].actors == 3
+    # The new spelling wins over the old one in a file; a later override wins over both.
+    path.write_text(f"{old}:\n  resources: {{actors: 3}}\nray:\n  stages:\n    {stage}: {{actors: 7}}\n")
+    assert cls.resources_for(load_config(GritConfig, path)).actors == 7
+    assert cls.resources_for(load_config(GritConfig, path, [f"{old}.resources.actors=2"])).actors == 2
+    # The saved config holds the new spelling only, and loads back to the same settings.
+    saved = tmp_path / "saved.yaml"
+    dump_config(by_file, saved)
+    assert "resources" not in yaml.safe_load(saved.read_text())[old]
+    assert load_config(GritConfig, saved) == by_file

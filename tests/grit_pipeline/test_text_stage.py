@@ -10,7 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grit_pipeline.config import TextConfig
+from grit_pipeline.config import GritConfig, TextConfig
+from grit_pipeline.stages import CaptionStage, to_table
+from grit_pipeline.stages.ray_adapter import StageRunner
 from grit_pipeline.text import SpacyModelMissing, TextStage, load_spacy
 
 
@@ -36,8 +38,7 @@ def test_real_parse_conjunct_and_filters(stage):
     assert [c.text for c in results[2].chunks] == ["her hands"]
 
 
-def test_stage_counts_and_drop_reasons(stage):
-    before = dict(stage.counts)
+def test_stage_drop_reasons(stage):
     results = stage([None, "   ", "x" * 5000, "it", "two red apples on a plate"])
     assert [r.drop_reason for r in results] == [
         "missing_caption",
@@ -46,11 +47,34 @@ def test_stage_counts_and_drop_reasons(stage):
         "no_noun_chunks",
         None,
     ]
-    delta = {k: stage.counts[k] - before.get(k, 0) for k in stage.counts}
-    assert delta["captions"] == 5
-    assert delta["dropped_missing_caption"] == delta["dropped_empty_caption"] == 1
-    assert delta["chunks_filtered_pronoun"] == 1
-    assert delta["chunks_kept"] == 2
+    assert [d.reason for d in results[3].dropped_chunks] == ["pronoun"]
+    assert len(results[4].chunks) == 2
+
+
+def test_pipeline_text_stage_counts_once_per_row(spacy_model_name):
+    """The text stage through the stage adapter: drops by reason, chunk counters in each row, counted once."""
+    captions = [None, "   ", "x" * 5000, "it", "two red apples on a plate"]
+    rows = [
+        {"kind": "sample", "file_index": 0, "position": i, "key": f"k{i}", "status": "pending", "raw_caption": c}
+        for i, c in enumerate(captions)
+    ]
+    rows.append({"kind": "eof", "file_index": 0, "position": len(captions), "status": "eof", "key": ""})
+    cfg = GritConfig(text=TextConfig(spacy_model=spacy_model_name))
+    runner = StageRunner(CaptionStage, cfg, keep_image_for=("no_noun_chunks",))
+    out = runner(to_table(rows)).to_pylist()
+    assert [r["drop_reason"] for r in out[:5]] == [
+        "missing_caption",
+        "empty_caption",
+        "caption_too_long",
+        "no_noun_chunks",
+        None,
+    ]
+    assert [r["status"] for r in out] == ["dropped"] * 4 + ["pending", "eof"]
+    counts = [json.loads(r["counters_json"] or "{}") for r in out]
+    assert counts[:3] == [{}, {}, {}]
+    assert counts[3] == {"chunks_found": 1, "chunks_filtered_pronoun": 1}
+    assert counts[4] == {"chunks_found": 2, "chunks_kept": 2}
+    assert all(r["t_text"] > 0 for r in out[:5]) and out[5]["t_text"] is None
 
 
 def test_offsets_index_the_normalised_caption(stage):

@@ -1,0 +1,161 @@
+"""The stage contract: the adapter's pending filter, drops, counting and timing; the plan built from the one list."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+import grit_pipeline.stages as stages
+from grit_pipeline.config import GritConfig, load_config
+from grit_pipeline.grounding.detector import Detection, GroundingResult
+from grit_pipeline.inputs import resolve_inputs
+from grit_pipeline.pipeline import BuildRefused, build_dataset, capacity_problem, stage_demand, validate_settings
+from grit_pipeline.stages import (
+    STAGE_NAMES,
+    STAGES,
+    BuildContext,
+    DecodeStage,
+    GroundingStage,
+    to_table,
+)
+from grit_pipeline.stages.ray_adapter import StageRunner
+from tests.grit_pipeline.stage_example import MarkStage
+
+
+def _jpeg(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 30, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _row(i: int, **fields) -> dict:
+    return {"kind": "sample", "file_index": 0, "position": i, "key": f"k{i}", "status": "pending", **fields}
+
+
+def test_the_stage_list_is_the_plan_order():
+    assert STAGE_NAMES == ("read", "text", "decode", "grounding")
+    assert stages.TIME_COLUMNS == {
+        "read": "t_read",
+        "text": "t_text",
+        "decode": "t_decode",
+        "grounding": "t_grounding",
+    }
+    for stage in STAGES:  # every default is complete: nothing is left for the config to fill
+        assert None not in vars(stage.resources).values()
+
+
+def test_decode_rechecks_rows_without_chunks_and_image_rules_come_first():
+    cfg = GritConfig()
+    cfg.detector.kind = "annotations"  # no detector input needed: checks and decode only
+    rows = [
+        _row(0, image=_jpeg(64, 48)),  # pending, good
+        _row(1, image=b"not an image"),  # pending, undecodable
+        _row(2, image=_jpeg(64, 48), status="dropped", drop_reason="no_noun_chunks"),  # caption decided
+        _row(3, image=b"junk", status="dropped", drop_reason="no_noun_chunks"),  # the image rule comes first
+        _row(4, image=_jpeg(64, 48), status="dropped", drop_reason="bad_input"),  # not reconsidered: untouched
+    ]
+    out = StageRunner(DecodeStage, cfg)(to_table(rows)).to_pylist()
+    assert [(r["status"], r["drop_reason"]) for r in out] == [
+        ("pending", None),
+        ("dropped", "bad_image"),
+        ("dropped", "no_noun_chunks"),
+        ("dropped", "bad_image"),
+        ("dropped", "bad_input"),
+    ]
+    assert (out[0]["width"], out[0]["height"], out[2]["width"]) == (64, 48, 64)
+    assert out[0]["image"] and out[2]["image"] is None and out[3]["image"] is None  # dropped rows carry no image
+    assert out[4]["image"] is not None and out[4]["t_decode"] is None  # never seen by the stage
+    assert all(out[i]["t_decode"] > 0 for i in range(4))
+
+
+class _ScriptedDetector:
+    """A detector whose answer per image is fixed by the test: an error for one, one box for the other."""
+
+    model_id = "scripted"
+
+    def __init__(self, cfg):
+        pass
+
+    def setup(self):
+        pass
+
+    def __call__(self, batch):
+        out = []
+        for item in batch:
+            if item.phrases == ["a dog"]:
+                out.append(GroundingResult(error="RuntimeError: CUDA error: an illegal memory access"))
+            else:
+                out.append(GroundingResult(detections=[Detection(0, (0.1, 0.1, 0.5, 0.5), 0.9)], num_boxes_raw=1))
+        return out
+
+
+def test_a_detector_error_is_its_own_drop_reason_with_its_type_counted():
+    cfg = GritConfig()
+    chunks = {"a dog": [[0, 5, "a dog", 0, 5]], "a cat": [[0, 5, "a cat", 0, 5]]}
+    rows = [_row(i, caption=c, raw_caption=c, chunks_json=json.dumps(chunks[c])) for i, c in enumerate(chunks)]
+    context = BuildContext(detector_factory=_ScriptedDetector)
+    out = StageRunner(GroundingStage, cfg, context, final=True)(to_table(rows)).to_pylist()
+    errored, kept = out
+    assert (errored["status"], errored["drop_reason"]) == ("dropped", "detector_error")
+    assert errored["detail"].startswith("RuntimeError: CUDA error")
+    assert json.loads(errored["counters_json"]) == {"detector_errors_RuntimeError": 1}
+    assert kept["status"] == "kept" and kept["noun_chunks"] == [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]]
+    assert json.loads(kept["counters_json"]) == {"boxes_raw": 1, "chunks_grounded": 1}
+
+
+def test_a_new_stage_is_one_list_entry(ray_session, spacy_model_name, tmp_path, monkeypatch):
+    from tests.grit_pipeline.conftest import make_reference_input
+
+    plan = (stages.ReadStage, stages.CaptionStage, MarkStage)
+    monkeypatch.setattr(stages, "STAGES", plan)
+    monkeypatch.setattr(stages, "STAGE_NAMES", tuple(s.name for s in plan))
+    cfg = load_config(GritConfig, None, [f"text.spacy_model={spacy_model_name}", "ray.stages.mark.batch_size=2"])
+    validate_settings(cfg)  # ray.stages.mark is a known stage now
+    assert [d.stage for d in stage_demand(cfg)] == ["read", "text", "mark"]
+    problem = capacity_problem(stage_demand(cfg), {"CPU": 1.5}, {"CPU": 1.5})
+    assert "mark (1 actor x 0.25 CPU)" in problem and "0.25 CPU missing" in problem
+
+    files = resolve_inputs(make_reference_input(tmp_path / "in"))
+    units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
+    rows = [r for b in build_dataset(cfg, units).iter_batches(batch_format="pyarrow") for r in b.to_pylist()]
+    samples = [r for r in rows if r["kind"] == "sample"]
+    assert len(samples) == 29 and sum(r["kind"] == "eof" for r in rows) == len(files)
+    marked = [r for r in samples if r["drop_reason"] == "mentions_dog"]
+    kept = [r for r in samples if r["status"] == "kept"]
+    assert marked and kept  # the corpus has captions of both kinds
+    for r in kept:
+        assert r["words"] == len(r["caption"].split()) and r["t_mark"] > 0
+        assert json.loads(r["counters_json"])["mark_words"] == r["words"]
+    assert all("dog" in r["caption"].lower() and r["image"] is None for r in marked)
+
+
+def test_the_plan_counts_each_chunk_once(ray_session, build_overrides, tmp_path):
+    """Chunk counters over a whole build: found = kept + filtered by the text rules, each row counted once."""
+    from tests.grit_pipeline.conftest import make_reference_input
+
+    cfg = load_config(GritConfig, None, build_overrides)
+    files = resolve_inputs(make_reference_input(tmp_path / "in"))
+    units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
+    rows = [
+        r for b in build_dataset(cfg, units, num_gpus=0).iter_batches(batch_format="pyarrow") for r in b.to_pylist()
+    ]
+    total = {}
+    for r in rows:
+        for k, v in json.loads(r["counters_json"] or "{}").items():
+            total[k] = total.get(k, 0) + v
+        if r["kind"] == "sample" and r["num_chunks_found"] is not None:
+            assert json.loads(r["counters_json"])["chunks_found"] == r["num_chunks_found"]
+    text_filtered = total.get("chunks_filtered_abstract_noun", 0) + total.get("chunks_filtered_pronoun", 0)
+    assert total["chunks_found"] == total["chunks_kept"] + text_filtered > 0
+    assert total["chunks_grounded"] <= total["chunks_kept"]
+
+
+def test_stage_settings_are_checked_against_the_list():
+    cfg = load_config(GritConfig, None, ["ray.stages.grounding.actors=0", "ray.stages.texts.actors=2"])
+    with pytest.raises(BuildRefused) as err:
+        validate_settings(cfg)
+    assert "ray.stages.texts: no such stage (stages: read, text, decode, grounding)" in str(err.value)
+    assert "ray.stages.grounding: actors and batch_size must be >= 1" in str(err.value)
