@@ -31,7 +31,7 @@ import pyarrow as pa
 from grit_pipeline.assemble import build_entries, map_annotations, unique_phrases
 from grit_pipeline.config import GritConfig
 from grit_pipeline.image import process_image
-from grit_pipeline.inputs import InputFile, InputSample, generated_key, iter_samples
+from grit_pipeline.readers import InputFile, InputSample, generated_key, iter_samples
 from grit_pipeline.record import ENTRY_TYPE, STATUS_DROPPED, STATUS_KEPT
 from grit_pipeline.text import Chunk, TextStage
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from grit_pipeline.inputs import make_key
+from grit_pipeline.readers import make_key
 from grit_pipeline.record import validate_record
 from tests.grit_pipeline import pipeline_corpus as corpus
 from tests.grit_pipeline.conftest import build_args, read_output, run_cli, stats_checks

@@ -1,4 +1,4 @@
-"""Input readers (grit_pipeline.inputs): keys, file discovery, tars (hostile ones too), tables, image folders."""
+"""Input readers (grit_pipeline.readers): keys, file discovery, tars (hostile ones too), tables, image folders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from grit_pipeline.config import InputConfig
-from grit_pipeline.inputs import InputError, InputFile, iter_samples, make_key, resolve_inputs, split_member_name
+from grit_pipeline.readers import InputError, InputFile, iter_samples, make_key, resolve_inputs, split_member_name
+from grit_pipeline.readers.webdataset import iter_tar
 from grit_pipeline.record import KEY_PATTERN
-from grit_pipeline.tar_reader import iter_tar
 from tests.grit_pipeline import pipeline_corpus as corpus
 
 CFG = InputConfig()
@@ -220,7 +220,7 @@ def test_jsonl_rows_bad_lines_and_bounds(tmp_path):
     ]
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     got = samples_of(tmp_path / "r.jsonl", "jsonl")
-    assert [s.drop_reason for s in got] == [None, "bad_input", "bad_input", "bad_input", None]
+    assert [s.drop_reason for s in got] == [None, "bad_sample", "bad_sample", "bad_sample", None]
     assert got[0].key == make_key("x/1") and got[0].id == 7 and got[0].url == "u"
     assert got[0].image == (tmp_path / "a.jpg").read_bytes()
     assert got[4].annotations == [{"start": 2, "end": 5, "box": [0, 0, 1, 1]}]
