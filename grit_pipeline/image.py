@@ -15,8 +15,9 @@ Every byte here is untrusted, so the order of checks matters:
 
 For the detector, the first frame is converted to 8-bit RGB (16-bit, 32-bit integer and float images rescaled a band
 of rows at a time, never as a float64 copy of the whole image; transparency composited on white). Peak memory of
-one decode is measured by ``benchmarks/image_decode_memory.py``. JPEGs that need no re-encoding are decoded with Pillow's ``draft`` at the smallest DCT scale that still
-covers the detector's input size: the same pixels the detector would get after resizing, several times faster.
+one decode is measured by ``benchmarks/image_decode_memory.py``. JPEGs that need no re-encoding are decoded with
+Pillow's ``draft`` at the smallest DCT scale that still covers the detector's input size: the same pixels the
+detector would get after resizing, several times faster.
 """
 
 from __future__ import annotations
