@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from grit_pipeline.config import ImageConfig
+from grit_pipeline.readers.sample import describe_exception
 
 # Formats stored as they came; their extension in the shard. MPO is how Pillow names camera JPEGs that carry extra
 # preview frames: the bytes are a JPEG every reader decodes.
@@ -211,7 +212,7 @@ def process_image(
     except Exception as exc:  # noqa: BLE001 - any failure of one image is that sample's drop
         # Pillow's plugins raise almost anything on hostile files (OSError, SyntaxError, NotImplementedError,
         # RuntimeError, AttributeError...); MemoryError too. The type goes into the index with the message.
-        return drop("bad_image", f"{type(exc).__name__}: {str(exc)[:300]}")
+        return drop("bad_image", describe_exception(exc))
 
 
 def _process(data: bytes, cfg: ImageConfig, detector_size: tuple[int, int] | None, want_rgb: bool) -> ImageResult:

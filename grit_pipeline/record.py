@@ -275,8 +275,10 @@ def index_schema(id_type: pa.DataType | None = None) -> pa.Schema:
             pa.field("ref_exps", ENTRY_TYPE),
             pa.field("status", pa.string(), nullable=False),
             pa.field("drop_reason", pa.string()),
-            # Our additions: where the sample came from, the stored image's extension, and per-sample
-            # text/grounding counts that the stats report turns into per-image distributions.
+            # Our additions: a drop's detail (for a failed read or decode, the exception's type and message),
+            # where the sample came from, the stored image's extension, and per-sample text/grounding counts
+            # that the stats report turns into per-image distributions.
+            pa.field("detail", pa.string()),
             pa.field("source", pa.string()),
             pa.field("image_ext", pa.string()),
             pa.field("num_chunks_found", pa.int32()),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import fsspec
 
 from grit_pipeline.config import ReferencesConfig
-from grit_pipeline.readers.sample import InputSample
+from grit_pipeline.readers.sample import InputSample, describe_exception
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
@@ -226,7 +226,7 @@ def read_reference(target: Target, max_bytes: int, policy: ReferencesConfig, sam
         return
     except Exception as exc:  # noqa: BLE001 - a failed fetch is this sample's drop, never the file's end
         problem = "image_fetch_failed" if target.kind != "local" else "missing_image"
-        sample.image_problem, sample.detail = problem, f"{type(exc).__name__}: {exc}"[:300]
+        sample.image_problem, sample.detail = problem, describe_exception(exc)
         return
     if data is None:
         sample.image_problem, sample.detail = "image_too_many_bytes", f"over image.max_bytes={max_bytes}"

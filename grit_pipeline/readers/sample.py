@@ -61,12 +61,18 @@ class InputSample:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` for a drop's detail, without object addresses (two builds give the same index rows)."""
+    return _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")[:limit]
+
+
 def failed_sample(key: str, source: str, exc: BaseException, what: str = "") -> InputSample:
     """The sample a per-row exception becomes: dropped as ``bad_sample``, the exception's type in ``detail``."""
     detail = f"{what}: " if what else ""
-    return InputSample(
-        key=key, source=source, drop_reason="bad_sample", detail=f"{detail}{type(exc).__name__}: {exc}"[:500]
-    )
+    return InputSample(key=key, source=source, drop_reason="bad_sample", detail=detail + describe_exception(exc))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -226,6 +226,10 @@ def test_web_scale_hostile_corpus(ray_session, build_overrides, tmp_path):
     for rec in got["records"].values():
         validate_record(rec, check_order=True)
     assert "\ufffd" in got["records"][make_key("surrogate-meta")]["url"]
+    details = {k: r["detail"] or "" for k, r in got["rows"].items()}  # the exception's type is in the index
+    assert details[make_key("eps")].startswith("UnidentifiedImageError") and "0x" not in details[make_key("eps")]
+    assert "row group 1 unreadable: OSError" in details["h_000000004"]
+    assert details["refs_000000001"] == "absolute path outside input.references.allow_roots"
     assert got["manifest"]["status"] == "complete"
     for path in out.rglob("*"):
         if path.is_file():
