@@ -100,7 +100,14 @@ def resolve(ref: str, table_fs, table_dir: str, policy: ReferencesConfig) -> Tar
 
 
 def _local_roots(policy: ReferencesConfig) -> list[str]:
-    return [r for r in policy.allow_roots if r.startswith("/") or r.startswith("file://")]
+    """The allowed roots that are local folders (``/data`` or ``file:///data``), as paths."""
+    roots = []
+    for root in policy.allow_roots:
+        if root.startswith("file://"):
+            roots.append(urllib.parse.unquote(urllib.parse.urlparse(root).path))
+        elif root.startswith("/"):
+            roots.append(root)
+    return roots
 
 
 def _resolve_url(ref: str, scheme: str, policy: ReferencesConfig) -> Target:
@@ -109,8 +116,7 @@ def _resolve_url(ref: str, scheme: str, policy: ReferencesConfig) -> Target:
     if scheme == "file":
         path = urllib.parse.urlparse(ref).path
         real = _realpath(urllib.parse.unquote(path))
-        local_roots = [r[len("file://") :] if r.startswith("file://") else r for r in _local_roots(policy)]
-        if allowed or any(_under(real, _realpath(r)) for r in local_roots):
+        if allowed or any(_under(real, _realpath(r)) for r in _local_roots(policy)):
             return Target("local", real)
         raise ReferenceRefused("file:// URL outside input.references.allow_roots")
     if not allowed:

@@ -170,13 +170,44 @@ class _Oversized(bytes):
         return self.size
 
 
+def _reread_row_group(fs, fpath: str, rg: int, columns: list[str]):
+    """Row group ``rg`` read again from a fresh handle: its table, or None when it fails again (the data is bad).
+
+    Raises when the file itself cannot be opened again: then the failure is the file's (maybe transient, a network
+    error), its remaining rows are unknown, and the caller's ``bad_input`` row makes a re-run retry it.
+    """
+    import pyarrow.parquet as pq
+
+    with fs.open(fpath, "rb") as f:
+        pf = pq.ParquetFile(f)
+        try:
+            return pf.read_row_group(rg, columns=columns)
+        except Exception:  # noqa: BLE001 - fails twice from a fresh handle: the row group's own data is bad
+            return None
+
+
 def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> Iterator[InputSample]:
-    """Rows of a parquet file, in order; row groups wholly inside ``skip`` are not read."""
+    """Rows of a parquet file, in order; row groups wholly inside ``skip`` are not read.
+
+    A row group whose read fails is read once more from a fresh handle (a transient read error costs nothing);
+    failing again, each of its rows is dropped (``bad_sample``) and the next row group is read.
+    """
     import pyarrow.parquet as pq
 
     fs, fpath = fsspec.core.url_to_fs(path)
     stem = posixpath.basename(fpath).rsplit(".", 1)[0]
     base_dir = posixpath.dirname(fpath)
+
+    def emit(batch, first: int) -> Iterator[InputSample]:
+        for offset, row in enumerate(_batch_rows(batch, cfg, max_bytes)):
+            i = first + offset
+            if i < skip:
+                yield _skipped(path)
+            elif isinstance(row, Exception):
+                yield failed_sample(generated_key(stem, i), f"{path}#{i}", row, "row unreadable")
+            else:
+                yield table_row_sample(row, i, stem, path, cfg, fs, base_dir, max_bytes)
+
     with fs.open(fpath, "rb") as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
@@ -193,21 +224,21 @@ def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> 
             done = 0
             try:
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=columns):
-                    for offset, row in enumerate(_batch_rows(batch, cfg, max_bytes)):
-                        i = start + done + offset
-                        if i < skip:
-                            yield _skipped(path)
-                        elif isinstance(row, Exception):
-                            yield failed_sample(generated_key(stem, i), f"{path}#{i}", row, "row unreadable")
-                        else:
-                            yield table_row_sample(row, i, stem, path, cfg, fs, base_dir, max_bytes)
+                    yield from emit(batch, start + done)
                     done += batch.num_rows
             except Exception as exc:  # noqa: BLE001 - the row group's damage drops its rows, not the file
-                for i in range(start + done, start + rows):
-                    if i < skip:
-                        yield _skipped(path)
-                    else:
-                        yield failed_sample(generated_key(stem, i), f"{path}#{i}", exc, f"row group {rg} unreadable")
+                table = _reread_row_group(fs, fpath, rg, columns)
+                if table is not None and table.num_rows == rows:
+                    for batch in table.slice(done).to_batches(max_chunksize=BATCH_ROWS):
+                        yield from emit(batch, start + done)
+                        done += batch.num_rows
+                else:
+                    for i in range(start + done, start + rows):
+                        if i < skip:
+                            yield _skipped(path)
+                        else:
+                            what = f"row group {rg} unreadable"
+                            yield failed_sample(generated_key(stem, i), f"{path}#{i}", exc, what)
             start += rows
 
 

@@ -404,3 +404,33 @@ def test_an_unopenable_file_is_the_only_case_that_raises(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
     with pytest.raises(Exception):  # noqa: B017 - the caller turns any of these into one bad_input row
         samples_of(tmp_path / "bad.parquet", "parquet")
+
+
+def test_a_transient_parquet_read_error_is_retried_and_a_vanished_file_is_the_files_failure(tmp_path, monkeypatch):
+    from grit_pipeline.config import GritConfig
+    from grit_pipeline.stages import read_file_rows
+
+    table = pa.table({"caption": [f"a dog {i}" for i in range(6)], "image": [corpus.jpeg(i) for i in range(6)]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    real = pq.ParquetFile.iter_batches
+    failures = []
+
+    def flaky(self, *args, row_groups=None, **kwargs):
+        if row_groups == [1] and not failures:
+            failures.append(1)
+            on_failure()
+            raise OSError("connection reset by peer")
+        return real(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", flaky)
+    on_failure = lambda: None  # noqa: E731 - a transient error: the file is still there
+    got = samples_of(tmp_path / "t.parquet", "parquet")
+    assert failures and [s.drop_reason for s in got] == [None] * 6
+    assert [s.caption for s in got] == [f"a dog {i}" for i in range(6)]
+
+    failures.clear()
+    on_failure = (tmp_path / "t.parquet").unlink  # noqa: E731 - the file is gone: its rest is unknown
+    rows = [r for batch in read_file_rows(InputFile(0, str(tmp_path / "t.parquet"), "parquet"), GritConfig())
+            for r in batch]  # fmt: skip
+    assert [r.get("drop_reason") for r in rows if r["kind"] == "sample"] == [None, None, "bad_input"]
+    assert rows[-1]["kind"] == "eof"

@@ -85,6 +85,9 @@ def test_allowed_roots_and_schemes_widen_the_policy(tmp_path):
         resolve(str(tmp_path / "elsewhere.jpg"), local, str(table_dir), policy)
     with pytest.raises(ReferenceRefused):
         resolve("https://cdn.example.com/img/../../admin", local, str(table_dir), policy)
+    as_url = ReferencesConfig(allow_roots=[f"file://{images}"])  # a local root may be given as a file:// URL
+    assert resolve(f"file://{images}/a.jpg", local, str(table_dir), as_url).path == str(images / "a.jpg")
+    assert resolve(str(images / "a.jpg"), local, str(table_dir), as_url).kind == "local"
     policy = ReferencesConfig(allow_schemes=["https"])
     assert resolve("https://anywhere.example.org/a.jpg", local, str(table_dir), policy).kind == "http"
     with pytest.raises(ReferenceRefused):
