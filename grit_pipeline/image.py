@@ -254,5 +254,9 @@ def _process(data: bytes, cfg: ImageConfig, detector_size: tuple[int, int] | Non
         result.exif_reencoded = rotate
         result.converted_png = convert
     if want_rgb:
+        if upright.mode in HIGH_DEPTH_MODES:
+            # Rescale first and let the wide pixels go before the RGB copy (4 bytes a pixel in Pillow) is made.
+            upright = to_gray8(upright)
+            im = None  # noqa: F841 - the last reference to the decoded 16/32-bit image
         result.rgb = to_rgb(upright)
     return result
