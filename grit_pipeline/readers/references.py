@@ -249,4 +249,7 @@ def read_referenced_image(
     except ReferenceRefused as exc:
         sample.image_problem, sample.detail = "reference_not_allowed", str(exc)
         return
+    except Exception as exc:  # noqa: BLE001 - an allowed protocol whose back end is missing or misconfigured
+        sample.image_problem, sample.detail = "image_fetch_failed", describe_exception(exc)
+        return
     read_reference(target, max_bytes, policy, sample)

@@ -121,3 +121,12 @@ def test_allowed_http_reads_have_a_byte_bound_timeouts_and_checked_redirects(tmp
     assert got[0].image == image and got[-1].image == image  # rows after a timeout are read
     assert inner.requests == []  # the redirect out of the policy was not followed
     assert "timed out" in got[4].detail.lower() and elapsed < 10
+
+
+def test_an_allowed_protocol_without_its_back_end_fails_that_row_only(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(corpus.jpeg(5))
+    rows = [{"caption": "a dog", "image": "nosuchproto://bucket/a.jpg"}, {"caption": "a dog", "image": "a.jpg"}]
+    corpus.write_jsonl(tmp_path / "r.jsonl", rows)
+    got = read_table(tmp_path / "r.jsonl", ReferencesConfig(allow_schemes=["nosuchproto"]))
+    assert [s.image_problem for s in got] == ["image_fetch_failed", None]
+    assert "nosuchproto" in got[0].detail and got[1].image == corpus.jpeg(5)
