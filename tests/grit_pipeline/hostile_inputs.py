@@ -25,6 +25,14 @@ from tests.grit_pipeline import pipeline_corpus as corpus
 
 CAPTION = "a brown dog running on the beach"
 SURROGATE = "\ud800"
+# A real EPS file: plain Pillow opens it as EPS and runs Ghostscript to decode it.
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 64 64
+%%EndComments
+newpath 0 0 moveto 64 64 lineto stroke
+showpage
+%%EOF
+"""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def _bad_image_tar(path: Path) -> dict[str, str | None]:
     integer TIFF (valid: kept), a lone surrogate in the metadata."""
     import numpy as np
 
-    from tests.grit_pipeline.test_image import EPS
+    from tests.grit_pipeline.hostile_inputs import EPS
 
     ramp = (np.tile(np.linspace(0, 1, 96), (64, 1)) * 2_000_000_000).astype(np.int32)
     samples = [

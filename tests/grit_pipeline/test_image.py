@@ -16,6 +16,7 @@ from PIL import Image
 from grit_pipeline.config import ImageConfig
 from grit_pipeline.image import detector_target_size, process_image, to_rgb
 from tests.grit_pipeline import pipeline_corpus as corpus
+from tests.grit_pipeline.hostile_inputs import EPS
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = ImageConfig()
@@ -176,14 +177,6 @@ def test_to_rgb_handles_every_mode(mode):
 # ---------------------------------------------------------------------------------------------------------------
 # Hostile formats and exceptions (GRIT_SPEC 3.0)
 # ---------------------------------------------------------------------------------------------------------------
-
-EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
-%%BoundingBox: 0 0 64 64
-%%EndComments
-newpath 0 0 moveto 64 64 lineto stroke
-showpage
-%%EOF
-"""
 
 
 def _fake_gs(tmp_path) -> tuple[dict, object]:
