@@ -23,6 +23,7 @@ BENCHMARKS = {
     "kosmos_step": ("benchmarks.kosmos_step", ("cpu", "cuda")),
     "loader": ("benchmarks.loader", ("cpu", "cuda")),
     "trainer_gpu": ("benchmarks.trainer_gpu", ("cuda",)),
+    "image_decode_memory": ("benchmarks.image_decode_memory", ("cpu",)),
 }
 
 

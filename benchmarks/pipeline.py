@@ -96,7 +96,7 @@ def _stages_alone(cfg) -> dict[str, float]:
     import pyarrow as pa
     import torch
 
-    from grit_pipeline.inputs import resolve_inputs
+    from grit_pipeline.readers import resolve_inputs
     from grit_pipeline.stages import STAGES, SourceStage, to_table
     from grit_pipeline.stages.ray_adapter import StageRunner
     from grit_pipeline.writer import ShardWriter, scan_output

@@ -221,7 +221,7 @@ def check_large(tokenizer, device, tmp: Path, size: str) -> dict:
     del resumed, model, module, optimizer
     gc.collect()
     # Resume from the sharded checkpoint: load straight into the FSDP shards, after wrapping.
-    from kosmos.train.checkpoint_dcp import load_sharded
+    from kosmos.model.checkpoint_dcp import load_sharded
 
     model = build_model(cfg, tokenizer, device)
     module = parallelize(model, cfg.parallel, device)

@@ -55,7 +55,11 @@ DROP_REASONS = (
     "unsafe_member",  # tar member with an absolute path, "..", a link or a device entry
     "member_too_large",  # tar member over input.max_member_bytes
     "too_many_members",  # tar beyond input.max_tar_members
-    "bad_input",  # an input row or file that could not be read (named in the log)
+    "bad_input",  # an input file unreadable from here on (count of its remaining samples unknown)
+    "bad_sample",  # one input sample (row, tar sample, folder entry) that could not be read; the file goes on
+    "cell_too_large",  # a text cell, .json member or sidecar over input.max_text_bytes; a JSONL line too long
+    "reference_not_allowed",  # an image path or URL outside input.references (whether or not it exists)
+    "image_fetch_failed",  # an allowed remote image could not be fetched (timeout, connection, HTTP error)
     "duplicate_key",
     "no_noun_chunks",
     "no_grounded_phrase",
@@ -272,8 +276,10 @@ def index_schema(id_type: pa.DataType | None = None) -> pa.Schema:
             pa.field("ref_exps", ENTRY_TYPE),
             pa.field("status", pa.string(), nullable=False),
             pa.field("drop_reason", pa.string()),
-            # Our additions: where the sample came from, the stored image's extension, and per-sample
-            # text/grounding counts that the stats report turns into per-image distributions.
+            # Our additions: a drop's detail (for a failed read or decode, the exception's type and message),
+            # where the sample came from, the stored image's extension, and per-sample text/grounding counts
+            # that the stats report turns into per-image distributions.
+            pa.field("detail", pa.string()),
             pa.field("source", pa.string()),
             pa.field("image_ext", pa.string()),
             pa.field("num_chunks_found", pa.int32()),

@@ -109,6 +109,26 @@ class DetectorConfig:
 
 
 @dataclass
+class ReferencesConfig:
+    """Where an image path or URL in a table (parquet, JSONL) may point (GRIT_SPEC 3.0).
+
+    By default only a relative path under the table's own folder is read: no ``..``, no absolute path, no symlink
+    out of the folder, no URL or other fsspec protocol. Anything else is dropped as ``reference_not_allowed``,
+    whether or not it exists.
+    """
+
+    # Extra places references may point to: absolute local folders (``/data/images``) or URL prefixes
+    # (``https://cdn.example.com/img/``, ``s3://bucket/images/``).
+    allow_roots: list[str] = field(default_factory=list)
+    # URL schemes allowed anywhere (``https``, ``s3``...): wider than allow_roots; empty = none.
+    allow_schemes: list[str] = field(default_factory=list)
+    # Every remote read: seconds to connect, seconds without data before giving up (image_fetch_failed).
+    # The byte bound of a remote read is image.max_bytes.
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+
+
+@dataclass
 class InputConfig:
     # "auto" picks from the paths: *.tar -> webdataset, *.parquet -> parquet, *.jsonl -> jsonl, a folder -> images.
     format: str = "auto"
@@ -119,6 +139,10 @@ class InputConfig:
     # Bounds on input tar archives (hostile input): members per tar and bytes per member.
     max_tar_members: int = 1_000_000
     max_member_bytes: int = 64 * 1024 * 1024
+    # Bound on every text cell or member (caption, url, id, key, annotations, .txt/.json members, sidecars),
+    # checked before it is turned into text: a caption over it is caption_too_long, anything else cell_too_large.
+    max_text_bytes: int = 1024 * 1024
+    references: ReferencesConfig = field(default_factory=ReferencesConfig)
 
 
 @dataclass

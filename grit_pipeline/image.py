@@ -5,14 +5,19 @@ Every byte here is untrusted, so the order of checks matters:
 1. encoded size against ``image.max_bytes`` (nothing parsed yet);
 2. the header only (``Image.open`` reads no pixels): declared pixels against ``image.max_pixels`` (the
    decompression-bomb limit holds before any pixel is decoded), then ``image.min_side``;
-3. the decode itself, bounded in time by ``image.decode_timeout_s`` and in memory by the pixel limit;
+3. the decode itself, with Pillow restricted to an allow-list of formats (:data:`ALLOWED_FORMATS`: JPEG, PNG,
+   WebP, GIF, BMP, TIFF), so no plugin that starts an external program (EPS and PostScript run Ghostscript) is
+   ever chosen, whatever the file's name or content; bounded in time by ``image.decode_timeout_s`` and in memory by
+   the pixel limit. Every exception of decode or conversion is this sample's ``bad_image``, its type in the detail;
 4. what is stored: the input bytes unchanged, except that an image whose EXIF orientation is not 1 is re-encoded
    upright (so boxes and pixels agree for every reader) and a format WebDataset readers cannot decode (anything but
    JPEG, PNG and WebP) is converted to PNG. Both are counted by the caller from the flags on the result.
 
-For the detector, the first frame is converted to 8-bit RGB (16-bit and float images rescaled, transparency composited
-on white). JPEGs that need no re-encoding are decoded with Pillow's ``draft`` at the smallest DCT scale that still
-covers the detector's input size: the same pixels the detector would get after resizing, several times faster.
+For the detector, the first frame is converted to 8-bit RGB (16-bit, 32-bit integer and float images rescaled a band
+of rows at a time, never as a float64 copy of the whole image; transparency composited on white). Peak memory of
+one decode is measured by ``benchmarks/image_decode_memory.py``. JPEGs that need no re-encoding are decoded with
+Pillow's ``draft`` at the smallest DCT scale that still covers the detector's input size: the same pixels the
+detector would get after resizing, several times faster.
 """
 
 from __future__ import annotations
@@ -30,10 +35,15 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from grit_pipeline.config import ImageConfig
+from grit_pipeline.readers.sample import describe_exception
 
 # Formats stored as they came; their extension in the shard. MPO is how Pillow names camera JPEGs that carry extra
 # preview frames: the bytes are a JPEG every reader decodes.
 STORED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+# The only Pillow plugins ever used to open input (GRIT_SPEC 3.0). JPEG's opener also returns MPO files.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+BAND_PIXELS = 1 << 20  # pixels per band when rescaling high bit-depth images
 EXIF_ORIENTATION = 0x0112
 _SAVE_OPTIONS = {"JPEG": {"quality": 95}, "PNG": {}, "WEBP": {"quality": 95}}
 
@@ -101,22 +111,46 @@ def detector_target_size(width: int, height: int, short_side: int, long_side_max
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def to_gray8(im: Image.Image) -> Image.Image:
+    """8-bit grey (mode L) of a 16-bit, 32-bit integer or float image, rescaled, one band of rows at a time.
+
+    16-bit: value / 257. 32-bit integer and float: values already in 0-255 kept, float in [0, 1] scaled by 255,
+    anything else mapped linearly from its own range (extrema from Pillow, no copy). Temporary memory is one band.
+    """
+    width, height = im.size
+    mode = im.mode
+    lo = scale = 0.0
+    if mode.startswith("I;16"):
+        lo, scale = 0.0, 1.0 / 257.0
+    else:
+        extrema = im.getextrema()
+        low, top = (float(extrema[0]), float(extrema[1])) if extrema else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(top)):
+            raise ValueError(f"mode {mode} image with non-finite values")
+        if top > 255.0 or low < 0.0:
+            lo = min(0.0, low)
+            scale = 255.0 / max(top - lo, 1e-12)
+        elif mode == "F" and top <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, BAND_PIXELS // max(1, width))
+    for y in range(0, height, rows):
+        band = np.array(im.crop((0, y, width, min(height, y + rows))), dtype=np.float32)  # (rows, W), a copy
+        band -= lo
+        band *= scale
+        np.rint(band, out=band)
+        np.clip(band, 0, 255, out=band)
+        out[y : y + band.shape[0]] = band
+    return Image.fromarray(out)  # uint8 (H, W): mode L
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB of any Pillow mode: 16-bit and 32-bit integer and float images rescaled to 0-255, alpha on white."""
     mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(im).astype(np.float64)
-        if mode.startswith("I;16"):
-            arr = arr / 257.0
-        else:
-            top = float(arr.max()) if arr.size else 0.0
-            lo = min(0.0, float(arr.min())) if arr.size else 0.0
-            if top > 255.0 or lo < 0.0:
-                arr = (arr - lo) * (255.0 / max(top - lo, 1e-12))
-            elif mode == "F" and top <= 1.0:
-                arr = arr * 255.0
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")  # uint8 (H, W): mode L
+    if mode in HIGH_DEPTH_MODES:
+        return to_gray8(im).convert("RGB")
     if mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
         mode = "RGBA"
@@ -139,7 +173,9 @@ def _encode(im: Image.Image, fmt: str, info: dict) -> bytes:
         options["transparency"] = info["transparency"]
     if fmt == "JPEG" and im.mode not in ("L", "RGB", "CMYK"):
         im = to_rgb(im)
-    if fmt == "PNG" and im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "P", "RGB", "RGBA"):
+    if fmt == "PNG" and im.mode in ("I", "F"):  # PNG has no 32-bit or float pixels
+        im = to_gray8(im)
+    if fmt == "PNG" and im.mode not in ("1", "L", "LA", "I;16", "I;16B", "P", "RGB", "RGBA"):
         im = to_rgb(im) if im.mode != "CMYK" else im.convert("RGB")
     if fmt == "WEBP" and im.mode not in ("RGB", "RGBA"):
         im = im.convert("RGBA" if "A" in im.mode else "RGB")
@@ -173,16 +209,17 @@ def process_image(
         return drop("decode_timeout", str(exc))
     except Image.DecompressionBombError as exc:
         return drop("image_too_large", str(exc))
-    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, MemoryError) as exc:
-        # What Pillow raises for undecodable, truncated or malformed files (OSError includes UnidentifiedImageError).
-        return drop("bad_image", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any failure of one image is that sample's drop
+        # Pillow's plugins raise almost anything on hostile files (OSError, SyntaxError, NotImplementedError,
+        # RuntimeError, AttributeError...); MemoryError too. The type goes into the index with the message.
+        return drop("bad_image", describe_exception(exc))
 
 
 def _process(data: bytes, cfg: ImageConfig, detector_size: tuple[int, int] | None, want_rgb: bool) -> ImageResult:
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its own limit; our limit is checked just below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     width, height = im.size
     if width * height > cfg.max_pixels:
         return drop("image_too_large", f"{width}x{height} declared > image.max_pixels={cfg.max_pixels}")
@@ -217,5 +254,9 @@ def _process(data: bytes, cfg: ImageConfig, detector_size: tuple[int, int] | Non
         result.exif_reencoded = rotate
         result.converted_png = convert
     if want_rgb:
+        if upright.mode in HIGH_DEPTH_MODES:
+            # Rescale first and let the wide pixels go before the RGB copy (4 bytes a pixel in Pillow) is made.
+            upright = to_gray8(upright)
+            im = None  # noqa: F841 - the last reference to the decoded 16/32-bit image
         result.rgb = to_rgb(upright)
     return result

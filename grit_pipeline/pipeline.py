@@ -30,7 +30,6 @@ from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from grit_pipeline.config import GritConfig, dump_config
-from grit_pipeline.inputs import InputError, InputFile, resolve_inputs
 from grit_pipeline.manifest import (
     CONFIG_COPY,
     ManifestMismatch,
@@ -43,6 +42,7 @@ from grit_pipeline.manifest import (
     write_manifest,
 )
 from grit_pipeline.progress import Progress, merge_stats, summary_table
+from grit_pipeline.readers import InputError, InputFile, resolve_inputs
 from grit_pipeline.writer import STATS_SUFFIX, ShardWriteError, ShardWriter, clean_output, scan_output
 
 logger = logging.getLogger(__name__)

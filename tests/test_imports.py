@@ -104,8 +104,6 @@ def test_no_import_cycles_in_kosmos_and_grit_core(graph):
     assert find_cycle(sub) is None, " -> ".join(find_cycle(sub))
 
 
-# strict: once grit_pipeline's input readers no longer import each other this passes, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="grit_pipeline.inputs <-> grit_pipeline.tar_reader (the input readers)")
 def test_no_import_cycles(graph):
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 

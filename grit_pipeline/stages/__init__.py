@@ -28,7 +28,7 @@ from grit_pipeline.stages.base import (
 )
 from grit_pipeline.stages.grounding import GroundingStage, default_detector_factory
 from grit_pipeline.stages.image import DecodeStage
-from grit_pipeline.stages.read import ReadStage
+from grit_pipeline.stages.read import ReadStage, read_file_rows
 from grit_pipeline.stages.text import CaptionStage
 
 STAGES: tuple[type[Stage], ...] = (ReadStage, CaptionStage, DecodeStage, GroundingStage)
@@ -55,5 +55,6 @@ __all__ = [
     "CaptionStage",
     "count",
     "default_detector_factory",
+    "read_file_rows",
     "to_table",
 ]

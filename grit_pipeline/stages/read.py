@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from grit_pipeline.config import StageResources
-from grit_pipeline.inputs import InputFile, InputSample, generated_key, iter_samples
+from grit_pipeline.readers import InputFile, InputSample, generated_key, iter_samples
 from grit_pipeline.stages.base import STATUS_PENDING, Drop, Row, SourceStage, count
 
 logger = logging.getLogger(__name__)
@@ -72,3 +72,11 @@ class ReadStage(SourceStage):
                 yield sample_row(inp, position, sample)
             position += 1
         yield {"kind": "eof", "file_index": inp.index, "position": position, "status": "eof", "key": ""}
+
+
+def read_file_rows(inp: InputFile, cfg, skip: int = 0) -> Iterator[list[Row]]:
+    """One file's work rows in batches, exactly as the build's read tasks produce them (tests, benchmarks)."""
+    from grit_pipeline.stages.ray_adapter import StageRunner
+
+    unit = {"index": inp.index, "path": inp.path, "format": inp.format, "skip": skip}
+    yield from StageRunner(ReadStage, cfg).read(unit)

@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from grit_core.record import group_phrases, retained_spans
+from grit_pipeline.image import to_rgb
 
 PALETTE = (
     "#e6194b",
@@ -34,6 +35,9 @@ PALETTE = (
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # never read a larger member into memory for a thumbnail
+MAX_PIXELS = 89_478_485  # the pipeline's default image.max_pixels: never decode a larger image for a thumbnail
+# Shards may come from elsewhere: open images only with the plugins the pipeline itself accepts (no EPS, no gs).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass
@@ -115,9 +119,11 @@ def _font(size: int):
 
 def draw_thumbnail(data: bytes, chunks: list[Phrase], max_side: int = 360) -> Image.Image:
     """Decode (at reduced size where the format allows), fit to ``max_side``, draw boxes with their phrases."""
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    if image.width * image.height > MAX_PIXELS:
+        raise ValueError(f"{image.width}x{image.height} is over {MAX_PIXELS} pixels")
     image.draft("RGB", (max_side * 2, max_side * 2))  # JPEG decodes straight to a smaller scale
-    image = image.convert("RGB")
+    image = to_rgb(image)
     # Fit max_side both ways: small images are enlarged so that the labels stay readable beside them.
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -176,7 +182,8 @@ def read_members(tar_path: Path, wanted: dict[str, str | None]) -> dict[str, byt
 def build_gallery(rows: list[dict[str, Any]], tar_of: Any, max_side: int = 360) -> list[GalleryItem]:
     """Gallery items for sampled rows; ``tar_of(shard)`` gives the shard's tar path or None.
 
-    A sample whose image cannot be read or decoded is still shown, with the reason in place of the picture.
+    A sample whose image cannot be read or decoded (whatever Pillow raises) is still shown, with the reason in place
+    of the picture; the report never fails on it.
     """
     items = [make_item(r) for r in rows]
     by_shard: dict[str, list[tuple[GalleryItem, dict[str, Any]]]] = {}
@@ -200,8 +207,8 @@ def build_gallery(rows: list[dict[str, Any]], tar_of: Any, max_side: int = 360) 
                 continue
             try:
                 thumb = draw_thumbnail(data, item.chunks, max_side)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                item.problem = f"image does not decode: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one bad image is shown as such; the report goes on
+                item.problem = f"image does not decode: {type(exc).__name__}: {str(exc)[:200]}"
                 continue
             item.image_uri = to_data_uri(thumb)
     return items

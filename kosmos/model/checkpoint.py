@@ -62,10 +62,10 @@ def load_config(directory: str | Path) -> KosmosConfig:
 
 def load_state_dict(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The folder's weights: ``model.safetensors``, or the shards of a sharded training checkpoint (gathered
-    whole on this process, ``kosmos.train.checkpoint_dcp``)."""
+    whole on this process, ``kosmos.model.checkpoint_dcp``)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
-        from kosmos.train.checkpoint_dcp import is_sharded_checkpoint, load_full_model_state
+        from kosmos.model.checkpoint_dcp import is_sharded_checkpoint, load_full_model_state
 
         if is_sharded_checkpoint(directory):
             return load_full_model_state(directory, device)

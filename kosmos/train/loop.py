@@ -11,7 +11,7 @@ finish the step, save a checkpoint and stop; every rank decides together, in the
 
 The step has no host syncs between the batch's transfer and the gradient norm: the target positions and the
 image-slot check are computed on the host copy of the batch, and packed rows pass their ``segment_ids`` (each sample
-attends only to itself). Checkpoints are "full" (gathered on rank 0) or "sharded" (``kosmos.train.checkpoint_dcp``:
+attends only to itself). Checkpoints are "full" (gathered on rank 0) or "sharded" (``kosmos.model.checkpoint_dcp``:
 every rank writes its shards, optionally in the background; the checkpoint is named in ``latest`` only once every
 shard is on disk).
 """
@@ -37,7 +37,7 @@ from kosmos.data.tokenizer import KosmosTokenizer
 from kosmos.model.checkpoint import save_checkpoint, save_config
 from kosmos.model.hf import SIDE_FILES
 from kosmos.model.model import IGNORE_INDEX, KosmosModel
-from kosmos.train.checkpoint_dcp import save_sharded
+from kosmos.model.checkpoint_dcp import save_sharded
 from kosmos.train.config import TrainConfig
 from kosmos.train.log import MetricsLogger, format_progress
 from kosmos.train.setup import Dist, lr_factor

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from grit_core.record import validate_record
-from grit_pipeline.inputs import make_key
+from grit_pipeline.readers import make_key
 from tests.grit_pipeline import pipeline_corpus as corpus
 from tests.grit_pipeline.conftest import build_args, read_output, run_cli, stats_checks
 
@@ -162,3 +162,77 @@ def test_demo_config_with_the_offline_random_detector(ray_session, spacy_model_n
     assert any("meaningless" in w for w in manifest["warnings"])
     n_examples = len([p for p in examples_dir.iterdir() if p.suffix in (".jpg", ".png")])
     assert manifest["totals"]["input"] == n_examples >= 5
+
+
+def _bad_image_tar(path: Path) -> dict[str, str | None]:
+    """Images that once failed a build or ran a program: EPS named .jpg, formats outside the allow-list, a 32-bit
+    integer TIFF (valid: kept), a lone surrogate in the metadata."""
+    import numpy as np
+
+    from tests.grit_pipeline.hostile_inputs import EPS
+
+    ramp = (np.tile(np.linspace(0, 1, 96), (64, 1)) * 2_000_000_000).astype(np.int32)
+    samples = [
+        {"key": "eps", "image": EPS, "ext": "jpg", "caption": GOOD_CAPTION},
+        {"key": "dds", "image": corpus.encode(corpus.picture(70), "DDS"), "ext": "jpg", "caption": GOOD_CAPTION},
+        {"key": "spider", "image": corpus.encode(corpus.picture(71).convert("F"), "SPIDER"), "caption": GOOD_CAPTION},
+        {"key": "tiff32", "image": corpus.encode(Image.fromarray(ramp), "TIFF"), "ext": "tif",
+         "caption": GOOD_CAPTION},
+        {"key": "surrogate-meta", "image": corpus.jpeg(72), "caption": GOOD_CAPTION,
+         "meta": {"url": "https://x/\ud800", "id": "\udfff"}},
+        {"key": "after", "image": corpus.jpeg(73), "caption": GOOD_CAPTION},
+    ]  # fmt: skip
+    corpus.write_tar(path, samples)
+    reasons = {"eps": "bad_image", "dds": "bad_image", "spider": "bad_image"}
+    return {make_key(s["key"]): reasons.get(s["key"]) for s in samples}
+
+
+def test_web_scale_hostile_corpus(ray_session, build_overrides, tmp_path):
+    """Every input case of GRIT_SPEC 3.0 in one build, mixed with good samples: the build exits 0, every good
+    sample is kept (also after a bad row of the same file), every bad one is dropped with its reason, the bytes of
+    a file outside the input never reach the output, and a local HTTP server named by a row gets no request."""
+    import time
+
+    from tests.grit_pipeline import hostile_inputs as hostile
+
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"SECRET-" + corpus.jpeg(80))
+    inputs = tmp_path / "in"
+    (inputs / "wds").mkdir(parents=True)
+    (inputs / "surrogates").mkdir()
+    (inputs / "pq").mkdir()
+    (inputs / "surrogates" / "a.jpg").write_bytes(corpus.jpeg(81))
+    expected: dict[str, str | None] = {}
+    expected |= hostile.write_non_utf8_tar(inputs / "wds" / "00000.tar", seed=82)
+    expected |= _bad_image_tar(inputs / "wds" / "00001.tar")
+    expected |= hostile.write_surrogate_jsonl(inputs / "surrogates" / "s.jsonl", "a.jpg")
+    expected |= hostile.write_hostile_parquet(inputs / "pq" / "h.parquet", seed=90)
+    expected |= hostile.make_hostile_folder(inputs / "folder", secret, seed=100)
+    with hostile.RecordingServer({"/image.jpg": b"SECRET-HTTP"}) as server:
+        expected |= hostile.write_reference_table(inputs / "table", secret, server.url, seed=110)
+        out = tmp_path / "out"
+        patterns = [str(inputs / d) for d in ("wds", "surrogates", "pq", "folder")] + [
+            str(inputs / "table" / "refs.jsonl")
+        ]
+        t0 = time.monotonic()
+        code, text = run_cli(build_args(patterns, out, build_overrides, ["output.samples_per_shard=50"]))
+        elapsed = time.monotonic() - t0
+        assert server.requests == []
+    assert code == 0, text
+    assert elapsed < 300
+    got = read_output(out)
+    assert {k: r["drop_reason"] for k, r in got["rows"].items()} == expected
+    assert set(got["records"]) == {k for k, reason in expected.items() if reason is None}
+    for rec in got["records"].values():
+        validate_record(rec, check_order=True)
+    assert "\ufffd" in got["records"][make_key("surrogate-meta")]["url"]
+    details = {k: r["detail"] or "" for k, r in got["rows"].items()}  # the exception's type is in the index
+    assert details[make_key("eps")].startswith("UnidentifiedImageError") and "0x" not in details[make_key("eps")]
+    assert "row group 1 unreadable: OSError" in details["h_000000004"]
+    assert details["refs_000000001"] == "absolute path outside input.references.allow_roots"
+    assert got["manifest"]["status"] == "complete"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"SECRET" not in path.read_bytes(), path
+    checks = stats_checks(out, tmp_path / "report")
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]

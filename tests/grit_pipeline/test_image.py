@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,9 @@ from PIL import Image
 from grit_pipeline.config import ImageConfig
 from grit_pipeline.image import detector_target_size, process_image, to_rgb
 from tests.grit_pipeline import pipeline_corpus as corpus
+from tests.grit_pipeline.hostile_inputs import EPS
 
+REPO = Path(__file__).resolve().parents[2]
 CFG = ImageConfig()
 DET = (800, 1333)
 
@@ -166,3 +172,105 @@ def test_to_rgb_handles_every_mode(mode):
     assert rgb.mode == "RGB" and rgb.size == (40, 40)
     arr = np.asarray(rgb)
     assert arr.max() > 128  # scaled into range, not all black
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile formats and exceptions (GRIT_SPEC 3.0)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_gs(tmp_path) -> tuple[dict, object]:
+    """A ``gs`` first on PATH that leaves a marker file when run (and fails, as a broken Ghostscript would)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    marker = tmp_path / "gs-was-run"
+    gs = bindir / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO)}
+    return env, marker
+
+
+def test_eps_named_jpg_never_starts_ghostscript(tmp_path):
+    env, marker = _fake_gs(tmp_path)
+    (tmp_path / "photo.jpg").write_bytes(EPS)
+    check = (
+        "import sys; from grit_pipeline.config import ImageConfig; from grit_pipeline.image import process_image;"
+        "r = process_image(open(sys.argv[1], 'rb').read(), ImageConfig(min_side=1), (800, 1333));"
+        "print(r.drop_reason, r.detail)"
+    )
+    out = subprocess.run([sys.executable, "-c", check, str(tmp_path / "photo.jpg")], env=env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("bad_image") and "UnidentifiedImageError" in out.stdout
+    assert not marker.exists()
+    # The same file through Pillow without the allow-list does run the fake gs: the check above can fail.
+    plain = "import sys; from PIL import Image; im = Image.open(sys.argv[1]); print(im.format); im.load()"
+    out = subprocess.run([sys.executable, "-c", plain, str(tmp_path / "photo.jpg")], env=env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.stdout.startswith("EPS") and marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["DDS", "BLP", "PPM", "ICO", "TGA", "PCX", "SPIDER"])
+def test_formats_outside_the_allow_list_are_bad_images(fmt):
+    im = corpus.picture(30, 64, 64)
+    if fmt == "SPIDER":
+        im = im.convert("F")
+    elif fmt == "BLP":
+        im = im.convert("P")
+    data = corpus.encode(im, fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # a real file of that format
+    r = process_image(data, CFG, DET)
+    assert r.drop_reason == "bad_image" and "UnidentifiedImageError" in r.detail
+
+
+@pytest.mark.parametrize("exc_type", [NotImplementedError, RuntimeError, AttributeError, MemoryError, AssertionError])
+def test_any_exception_of_a_decoder_is_that_samples_bad_image(monkeypatch, exc_type):
+    from PIL import PngImagePlugin
+
+    def broken(self):
+        raise exc_type("decoder blew up")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    r = process_image(corpus.png(31), CFG, DET)
+    assert r.drop_reason == "bad_image" and r.detail.startswith(exc_type.__name__)
+    assert process_image(corpus.jpeg(31), CFG, DET).drop_reason is None  # the next sample decodes
+
+
+def test_32_bit_integer_and_float_tiffs_are_kept_and_rescaled():
+    ramp = np.tile(np.linspace(0, 1, 96), (64, 1))  # (64, 96): left column 0, right column 1
+    for arr in ((ramp * 4_000_000_000 - 2_000_000_000).astype(np.int32), ramp.astype(np.float32) * 1000):
+        data = corpus.encode(Image.fromarray(arr), "TIFF")
+        r = process_image(data, CFG, DET)
+        assert r.drop_reason is None, r.detail
+        assert r.ext == "png" and r.converted_png and (r.width, r.height) == (96, 64)
+        stored = np.asarray(Image.open(io.BytesIO(r.data)).convert("L"), dtype=np.int32)
+        assert stored[:, 0].max() < 10 and stored[:, -1].min() > 245  # the full range, rescaled, not clipped
+        assert np.array_equal(np.asarray(r.rgb)[..., 0], stored)
+
+
+def test_high_bit_depth_conversion_never_copies_the_image_as_float64(monkeypatch):
+    """The rescale works a band of rows at a time: no array of the whole image in a wider type is made."""
+    import grit_pipeline.image as image_module
+
+    monkeypatch.setattr(image_module, "BAND_PIXELS", 80 * 8)
+    seen = []
+
+    def spying(real):
+        def spy(obj, *args, **kwargs):
+            out = real(obj, *args, **kwargs)
+            seen.append((out.shape, out.dtype))
+            return out
+
+        return spy
+
+    monkeypatch.setattr(image_module.np, "array", spying(np.array))
+    monkeypatch.setattr(image_module.np, "asarray", spying(np.asarray))
+    data = corpus.png16(32, 80, 48)
+    r = process_image(data, CFG, DET)
+    monkeypatch.undo()
+    assert r.drop_reason is None
+    wide = [(shape, dtype) for shape, dtype in seen if dtype.itemsize > 1 and shape and shape[0] > 8]
+    assert seen and not wide  # bands of 8 rows: never the whole 48-row image in a type wider than uint8
+    reference = np.rint(np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64) / 257).astype(np.uint8)
+    assert np.array_equal(np.asarray(r.rgb)[..., 0], reference)

@@ -1,4 +1,4 @@
-"""Input readers (grit_pipeline.inputs): keys, file discovery, tars (hostile ones too), tables, image folders."""
+"""Input readers (grit_pipeline.readers): keys, file discovery, tars (hostile ones too), tables, image folders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,8 +14,9 @@ import pytest
 
 from grit_core.record import KEY_PATTERN
 from grit_pipeline.config import InputConfig
-from grit_pipeline.inputs import InputError, InputFile, iter_samples, make_key, resolve_inputs, split_member_name
-from grit_pipeline.tar_reader import iter_tar
+from grit_pipeline.readers import InputError, InputFile, iter_samples, make_key, resolve_inputs, split_member_name
+from grit_pipeline.readers.webdataset import iter_tar
+from tests.grit_pipeline import hostile_inputs as hostile
 from tests.grit_pipeline import pipeline_corpus as corpus
 
 CFG = InputConfig()
@@ -220,7 +222,7 @@ def test_jsonl_rows_bad_lines_and_bounds(tmp_path):
     ]
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     got = samples_of(tmp_path / "r.jsonl", "jsonl")
-    assert [s.drop_reason for s in got] == [None, "bad_input", "bad_input", "bad_input", None]
+    assert [s.drop_reason for s in got] == [None, "bad_sample", "bad_sample", "bad_sample", None]
     assert got[0].key == make_key("x/1") and got[0].id == 7 and got[0].url == "u"
     assert got[0].image == (tmp_path / "a.jpg").read_bytes()
     assert got[4].annotations == [{"start": 2, "end": 5, "box": [0, 0, 1, 1]}]
@@ -273,3 +275,162 @@ def test_remote_filesystems_through_fsspec():
         assert row.image == corpus.jpeg(3) and row.caption == "a cat"  # relative path resolved on the same filesystem
     finally:
         fs.rm(root, recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile text and per-row isolation (GRIT_SPEC 3.0)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _all_text(sample) -> list[str]:
+    texts = [sample.key, sample.source, sample.detail, sample.caption, sample.url]
+    texts += [sample.id] if isinstance(sample.id, str) else []
+    texts += [json.dumps(sample.annotations, ensure_ascii=False)] if sample.annotations is not None else []
+    return [t for t in texts if t is not None]
+
+
+def assert_valid_utf8(samples) -> None:
+    for s in samples:
+        for text in _all_text(s):
+            text.encode("utf-8")  # raises on a lone surrogate
+
+
+def test_lone_surrogates_from_json_become_valid_utf8(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(corpus.jpeg(1))
+    expected = hostile.write_surrogate_jsonl(tmp_path / "s.jsonl", "a.jpg")
+    got = samples_of(tmp_path / "s.jsonl", "jsonl")
+    assert {s.key: s.drop_reason for s in got} == expected  # every row kept, none lost
+    assert_valid_utf8(got)
+    assert "\ufffd" in got[0].caption and "\ufffd" in got[0].url and "\ufffd" in got[1].id
+    assert "\ufffd" in got[2].annotations[0]["phrase"]
+    pa.Table.from_pylist([{"caption": s.caption, "source": s.source} for s in got])  # Arrow accepts them
+
+
+def test_tar_member_names_and_captions_that_are_not_utf8(tmp_path):
+    expected = hostile.write_non_utf8_tar(tmp_path / "n.tar", seed=2)
+    got = samples_of(tmp_path / "n.tar", "webdataset")
+    assert {s.key: s.drop_reason for s in got} == expected
+    assert_valid_utf8(got)
+    assert "\ufffd" in got[0].source and got[0].caption.endswith("\ufffdt\ufffd")
+    assert all(KEY_PATTERN.fullmatch(s.key) for s in got)
+
+
+def test_bad_tar_metadata_drops_its_sample_and_the_next_is_read(tmp_path):
+    data = hostile.tar_bytes(
+        {
+            "a.jpg": corpus.jpeg(1), "a.txt": b"a dog", "a.json": b'{"annotations": 5}',
+            "b.jpg": corpus.jpeg(2), "b.txt": b"a dog", "b.json": b"[" * 900,
+            "c.jpg": corpus.jpeg(3), "c.txt": b"x" * 2000,
+            "d.jpg": corpus.jpeg(4), "d.txt": b"a dog",
+        }
+    )  # fmt: skip
+    (tmp_path / "t.tar").write_bytes(data)
+    got = samples_of(tmp_path / "t.tar", "webdataset", InputConfig(max_text_bytes=1000))
+    assert [(s.key, s.drop_reason) for s in got] == [
+        ("a", "bad_sample"),
+        ("b", "bad_sample"),
+        ("c", "caption_too_long"),
+        ("d", None),
+    ]
+    assert "ValueError" in got[0].detail and "JSONDecodeError" in got[1].detail
+
+
+def test_parquet_bad_rows_and_a_corrupt_row_group_spare_the_rest(tmp_path):
+    expected = hostile.write_hostile_parquet(tmp_path / "h.parquet", seed=3)
+    got = samples_of(tmp_path / "h.parquet", "parquet")
+    assert {s.key: s.drop_reason for s in got} == expected  # rows after the damage are still read
+    assert_valid_utf8(got)
+    assert got[0].caption == "a dog \ufffd\ufffd on the beach"
+    assert "input.max_text_bytes" in got[1].detail and got[1].caption is None
+    assert "row group 1 unreadable" in got[3].detail and "OSError" in got[3].detail
+    assert [s.image for s in got[6:]] == [corpus.jpeg(3 + i) for i in range(6, 9)]
+    skipped = samples_of(tmp_path / "h.parquet", "parquet", skip=4)
+    assert [s.drop_reason for s in skipped] == ["skipped"] * 4 + list(expected.values())[4:]
+
+
+def test_parquet_oversized_cells_are_refused_before_they_become_python_objects(tmp_path):
+    import tracemalloc
+
+    huge = 8 << 20
+    table = pa.table(
+        {"caption": ["a dog", "x" * huge, "a cat"], "image": [corpus.jpeg(4), b"\0" * huge, corpus.jpeg(6)]}
+    )
+    pq.write_table(table, tmp_path / "b.parquet", compression="zstd")
+    del table
+    inp = InputFile(0, str(tmp_path / "b.parquet"), "parquet")
+    tracemalloc.start()
+    try:
+        got = list(iter_samples(inp, InputConfig(max_text_bytes=1000), 1 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [s.drop_reason for s in got] == [None, "caption_too_long", None]
+    assert got[1].image is None and got[2].image == corpus.jpeg(6) and got[0].caption == "a dog"
+    # Neither the 8 MiB caption nor the 8 MiB image became a Python object (Arrow's buffers are not traced).
+    assert peak < huge // 2, peak
+
+
+def test_jsonl_over_long_line_and_bad_lines_never_end_the_file(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(corpus.jpeg(1))
+    good = json.dumps({"caption": "a dog", "image": "a.jpg"})
+    lines = [good, json.dumps({"caption": "y" * 5000, "image": "a.jpg"}), "[" * 50_000, "\x00\xff garbage", good]
+    (tmp_path / "r.jsonl").write_bytes("\n".join(lines).encode("utf-8", "surrogateescape") + b"\n")
+    got = samples_of(tmp_path / "r.jsonl", "jsonl", InputConfig(max_text_bytes=1000, max_member_bytes=20_000))
+    assert [s.drop_reason for s in got] == [None, "caption_too_long", "cell_too_large", "bad_sample", None]
+
+
+def test_image_folder_skips_links_out_fifos_and_loops_without_blocking(tmp_path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"SECRET-" + corpus.jpeg(9))
+    expected = hostile.make_hostile_folder(tmp_path / "f", secret, seed=10)
+    done = {}
+
+    def read():
+        done["got"] = samples_of(tmp_path / "f", "images")
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert "got" in done, "reading the folder blocked (a FIFO was opened)"
+    got = done["got"]
+    assert [s.key for s in got] == list(expected)
+    assert all(b"SECRET" not in (s.image or b"") for s in got)
+    assert got[0].caption.endswith("\ufffd") and got[2].image == corpus.jpeg(10)  # c -> a, inside the folder
+    assert got[3].caption is None and got[3].image == corpus.jpeg(12)
+    assert_valid_utf8(got)
+
+
+def test_an_unopenable_file_is_the_only_case_that_raises(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    with pytest.raises(Exception):  # noqa: B017 - the caller turns any of these into one bad_input row
+        samples_of(tmp_path / "bad.parquet", "parquet")
+
+
+def test_a_transient_parquet_read_error_is_retried_and_a_vanished_file_is_the_files_failure(tmp_path, monkeypatch):
+    from grit_pipeline.config import GritConfig
+    from grit_pipeline.stages import read_file_rows
+
+    table = pa.table({"caption": [f"a dog {i}" for i in range(6)], "image": [corpus.jpeg(i) for i in range(6)]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    real = pq.ParquetFile.iter_batches
+    failures = []
+
+    def flaky(self, *args, row_groups=None, **kwargs):
+        if row_groups == [1] and not failures:
+            failures.append(1)
+            on_failure()
+            raise OSError("connection reset by peer")
+        return real(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", flaky)
+    on_failure = lambda: None  # noqa: E731 - a transient error: the file is still there
+    got = samples_of(tmp_path / "t.parquet", "parquet")
+    assert failures and [s.drop_reason for s in got] == [None] * 6
+    assert [s.caption for s in got] == [f"a dog {i}" for i in range(6)]
+
+    failures.clear()
+    on_failure = (tmp_path / "t.parquet").unlink  # noqa: E731 - the file is gone: its rest is unknown
+    rows = [r for batch in read_file_rows(InputFile(0, str(tmp_path / "t.parquet"), "parquet"), GritConfig())
+            for r in batch]  # fmt: skip
+    assert [r.get("drop_reason") for r in rows if r["kind"] == "sample"] == [None, None, "bad_input"]
+    assert rows[-1]["kind"] == "eof"

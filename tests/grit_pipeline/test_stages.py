@@ -11,8 +11,8 @@ from PIL import Image
 import grit_pipeline.stages as stages
 from grit_pipeline.config import GritConfig, load_config
 from grit_pipeline.grounding.detector import Detection, GroundingResult
-from grit_pipeline.inputs import resolve_inputs
 from grit_pipeline.pipeline import BuildRefused, build_dataset, capacity_problem, stage_demand, validate_settings
+from grit_pipeline.readers import resolve_inputs
 from grit_pipeline.stages import (
     STAGE_NAMES,
     STAGES,

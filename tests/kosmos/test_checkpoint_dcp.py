@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from kosmos.model.registry import create_model
-from kosmos.train.checkpoint_dcp import (
+from kosmos.model.checkpoint_dcp import (
     DCP_DIR,
     DcpCheckpointError,
     is_sharded_checkpoint,

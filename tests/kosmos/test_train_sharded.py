@@ -15,7 +15,7 @@ import torch
 from train_runs import read_metrics, train_args
 
 from kosmos.model.checkpoint import load_model
-from kosmos.train.checkpoint_dcp import is_sharded_checkpoint
+from kosmos.model.checkpoint_dcp import is_sharded_checkpoint
 from kosmos.train.state import latest_checkpoint, read_trainer_state
 
 COMMON = (

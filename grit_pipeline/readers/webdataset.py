@@ -4,7 +4,10 @@ Only regular-file members are read. Members with an absolute path, a ``..`` comp
 are refused (``unsafe_member``), never followed or written; members over ``input.max_member_bytes`` are not read
 (``member_too_large``); a tar is read up to ``input.max_tar_members`` members (``too_many_members``); pax and GNU
 long-name headers too large to be real are refused before tarfile reads them whole. A truncated or corrupt archive
-keeps the samples before the damage and drops the one it cuts (``bad_input``).
+keeps the samples before the damage and drops the one it cuts (``bad_input``: the rest of the file is unknown).
+A ``.txt`` or ``.json`` member over ``input.max_text_bytes`` is not read (``caption_too_long`` / ``cell_too_large``);
+any other failure with one sample (bad JSON, a bad annotation) drops that sample (``bad_sample``) and the next is read.
+Member names that are not UTF-8 are decoded with ``surrogateescape`` by tarfile and made valid UTF-8 by the caller.
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
+import fsspec
+
 from grit_pipeline.config import InputConfig
-from grit_pipeline.inputs import (
+from grit_pipeline.readers.sample import (
     CAPTION_EXTS,
     IMAGE_EXTS,
     META_EXTS,
     InputSample,
     apply_metadata,
     decode_text,
+    failed_sample,
     make_key,
     split_member_name,
 )
@@ -148,6 +154,16 @@ def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bo
             if ext not in IMAGE_EXTS and ext not in CAPTION_EXTS and ext not in META_EXTS:
                 group["ignored"] = group.get("ignored", 0) + 1
                 continue
+            if ext not in IMAGE_EXTS and member.size > cfg.max_text_bytes:
+                reason = "caption_too_long" if ext in CAPTION_EXTS else "cell_too_large"
+                group.setdefault(
+                    "text_too_large",
+                    (
+                        reason,
+                        f"member {member.name!r} has {member.size} bytes > input.max_text_bytes={cfg.max_text_bytes}",
+                    ),
+                )
+                continue
             handle = tf.extractfile(member)
             data = handle.read() if handle is not None else b""
             if len(data) != member.size:
@@ -159,7 +175,7 @@ def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bo
                     group["image"] = data
             else:
                 group[ext] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the archive breaks here; what came before is intact
         # Truncated or corrupt archive: the sample being read is incomplete; earlier ones are intact.
         logger.warning("%s: tar unreadable after %d members: %s", source, members, exc)
         if group_key is not None:
@@ -185,6 +201,9 @@ def _tar_sample(key: str, group: dict[str, Any], source: str) -> InputSample | N
     if "too_large" in group:
         sample.drop_reason, sample.detail = "member_too_large", group["too_large"]
         return sample
+    if "text_too_large" in group:
+        sample.drop_reason, sample.detail = group["text_too_large"]
+        return sample
     try:
         if "txt" in group:
             sample.caption = decode_text(group["txt"], "caption")
@@ -193,10 +212,18 @@ def _tar_sample(key: str, group: dict[str, Any], source: str) -> InputSample | N
             if not isinstance(meta, dict):
                 raise ValueError(".json member is not an object")
             apply_metadata(sample, meta)
-    except (ValueError, RecursionError) as exc:
-        sample.drop_reason, sample.detail = "bad_input", str(exc)
-        return sample
+    except Exception as exc:  # noqa: BLE001 - one sample's bad metadata is its drop
+        return failed_sample(sample.key, sample.source, exc)
     sample.image = group.get("image")
     if sample.image is None:
         sample.image_problem = "missing_image"
     return sample
+
+
+def iter_webdataset(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> Iterator[InputSample]:
+    """Samples of one WebDataset tar (local or any fsspec URL); gzip-compressed tars are streamed."""
+    del max_bytes  # members are bounded by input.max_member_bytes; the image stage checks image.max_bytes
+    fs, fpath = fsspec.core.url_to_fs(path)
+    with fs.open(fpath, "rb") as f:
+        seekable = bool(getattr(f, "seekable", lambda: False)()) and not path.lower().endswith((".gz", ".tgz"))
+        yield from iter_tar(f, path, cfg, skip=skip, seekable=seekable)
