@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shuffle-images", action="store_true", help="score each caption with another image")
     parser.add_argument("--box-score-threshold", type=float, default=0.65, help="as the training loader (0.65)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--image-frame",
+        choices=("auto", "center_crop", "square"),
+        default="auto",
+        help="auto: square for a converted Hugging Face checkpoint, else the frame the model was trained with",
+    )
     parser.add_argument("--out", default="", help="also write the JSON to this file")
 
 
@@ -33,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kosmos.data.sequence import SequenceConfig
     from kosmos.data.tokenizer import KosmosTokenizer
+    from kosmos.data.transform import resolve_image_frame
     from kosmos.eval.generate import pick_device
     from kosmos.eval.grounding import evaluate_samples, read_eval_samples
     from kosmos.model.checkpoint import load_model
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = model.config
         seq = SequenceConfig(
             box_score_threshold=args.box_score_threshold,
+            image_frame=resolve_image_frame(args.image_frame, model_dir),
             image_size=cfg.vision.image_size,
             num_image_tokens=cfg.latent_query_num,
             num_bins=cfg.loc_bins,
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "checkpoint": str(model_dir),
         "shards": args.shards,
+        "image_frame": seq.image_frame,
         **result,
         "counts": dict(counts),
         "seconds": round(time.perf_counter() - t0, 2),

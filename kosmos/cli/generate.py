@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from kosmos.data.transform import resolve_image_frame
 from kosmos.eval.generate import draw_entities, generate_for_image, pick_device
 
 
@@ -34,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--image-frame",
+        choices=("auto", "center_crop", "square"),
+        default="auto",
+        help="how the image becomes the model's square: auto (square for a converted Hugging Face checkpoint, as its "
+        "processor does; else the frame the model was trained with, center_crop by default)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = KosmosTokenizer.from_pretrained(args.tokenizer or resolve_tokenizer_dir(model_dir))
         device = torch.device(pick_device(args.device))
         model = load_model(model_dir, device=device).eval()
+        frame = resolve_image_frame(args.image_frame, model_dir)
         image = Image.open(args.image)
         image.load()
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = generate_for_image(model, tokenizer, image, args.prompt, args)
+    result = generate_for_image(model, tokenizer, image, args.prompt, args, frame)
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_boxes.png")
     draw_entities(image, result["entities"]).save(out)
     result["checkpoint"] = str(model_dir)

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from grit_core.config import ConfigError
+    from kosmos.data.parquet import ParquetSourceError
     from kosmos.train.config import load_train_config
     from kosmos.train.loop import TrainingError
     from kosmos.train.run import run_training
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_train_config(args.config, args.set)
         summary = run_training(cfg, resume=args.resume)
-    except (ConfigError, FileNotFoundError, CheckpointError) as exc:
+    except (ConfigError, FileNotFoundError, CheckpointError, ParquetSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

@@ -28,14 +28,16 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.data.collate import Batcher, collate_rows
+from kosmos.data.parquet import PARQUET_MAGIC, ParquetSourceError, check_parquet, is_parquet
 from kosmos.data.sequence import SequenceConfig
-from kosmos.data.shards import complete_shards, expand_shard_patterns
+from kosmos.data.shards import complete_shards, expand_shard_patterns, is_remote
 from kosmos.data.sources import (
     LogAndContinue,
     SourceConfig,
@@ -96,10 +98,22 @@ class DataConfig:
 
 
 def resolve_shards(source: SourceConfig) -> list[str]:
-    """The source's shard list, incomplete local shards left out (and logged)."""
+    """The source's shard list, incomplete local tar shards left out (and logged). Local parquet files are checked
+    here, so one the source cannot use stops the run before it starts (:class:`ParquetSourceError`)."""
     urls = expand_shard_patterns(source.shards)
-    if source.complete_shards_only and source.kind != "text":
-        urls, incomplete = complete_shards(urls)
+    parquet = [u for u in urls if is_parquet(u)]
+    if parquet and source.kind == "text":
+        raise ParquetSourceError(f"source {source.name!r}: a text source reads JSONL files, not {parquet[0]}")
+    for url in urls:
+        if is_remote(url):
+            continue
+        if is_parquet(url):
+            check_parquet(url, source.kind)
+        elif source.kind != "text" and Path(url).is_file() and _starts_with(url, PARQUET_MAGIC):
+            raise ParquetSourceError(f"{url} is a parquet file: name it *.parquet to read it as one")
+    if source.complete_shards_only and source.kind != "text" and len(parquet) < len(urls):
+        tars, incomplete = complete_shards([u for u in urls if not is_parquet(u)])
+        urls = [u for u in urls if is_parquet(u) or u in set(tars)]
         if incomplete:
             log.warning(
                 "%s: %d shard(s) without _stats.json left out, e.g. %s", source.name, len(incomplete), incomplete[0]
@@ -110,6 +124,11 @@ def resolve_shards(source: SourceConfig) -> list[str]:
                 "set complete_shards_only: false for shards written by a tool that writes no stats file"
             )
     return urls
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 class KosmosDataset(IterableDataset):

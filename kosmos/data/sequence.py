@@ -31,7 +31,7 @@ from typing import Any, Literal
 from grit_core.record import GritRecord, containment_filter, group_phrases
 from kosmos.data.location import NUM_BINS, Box, box_to_patch_indices, patch_indices_to_box
 from kosmos.data.tokenizer import KosmosTokenizer
-from kosmos.data.transform import IMAGE_SIZE, resize_crop_geometry
+from kosmos.data.transform import IMAGE_SIZE, ImageFrame, frame_geometry
 
 IGNORE_INDEX = -100
 PhraseMode = Literal["expression", "chunk"]
@@ -47,6 +47,10 @@ class SequenceConfig:
     box_score_threshold: float = 0.65
     # A box keeps its place only if at least this share of its area survives the centre crop.
     min_box_area_kept: float = 0.2
+    # How the image becomes the model's square (kosmos/data/transform.py): "center_crop" (the original loader),
+    # "square" (the released checkpoint's processor: the whole image, boxes unchanged), or "auto": square for a
+    # model converted from Hugging Face, else center_crop.
+    image_frame: ImageFrame = "auto"
     # use_object_bbox_prob: the share of grounded samples that are shown with their boxes; the others are
     # used as plain captions (no <grounding>, no boxes).
     use_grounding_prob: float = 0.5
@@ -93,15 +97,21 @@ class ReservedTokenInText(ValueError):
 
 
 def remap_box_to_crop(
-    box: Sequence[float], width: int, height: int, size: int = IMAGE_SIZE, min_area_kept: float = 0.2
+    box: Sequence[float],
+    width: int,
+    height: int,
+    size: int = IMAGE_SIZE,
+    min_area_kept: float = 0.2,
+    frame: ImageFrame = "center_crop",
 ) -> Box | None:
-    """A box normalised to a ``width x height`` image, normalised to that image's resized centre crop instead.
+    """A box normalised to a ``width x height`` image, normalised to the model's frame of it instead: the resized
+    centre crop, or for ``square`` the whole image (the box unchanged).
 
     ``None`` when less than ``min_area_kept`` of its area lies inside the crop, or nothing of it does. The crop
-    offsets are the integer ones the pixels go through (:func:`resize_crop_geometry`); the original loader used
-    the unrounded ``(side - 224) / 2``, half a pixel away at most.
+    offsets are the integer ones the pixels go through (:func:`~kosmos.data.transform.frame_geometry`); the
+    original loader used the unrounded ``(side - 224) / 2``, half a pixel away at most.
     """
-    new_w, new_h, left, top = resize_crop_geometry(width, height, size)
+    new_w, new_h, left, top = frame_geometry(width, height, size, frame)
     x1, y1, x2, y2 = box[0] * new_w, box[1] * new_h, box[2] * new_w, box[3] * new_h
     area = (x2 - x1) * (y2 - y1)
     if not area > 0:
@@ -157,7 +167,7 @@ def select_phrases(
         if float(score) < cfg.box_score_threshold:
             counts["boxes_below_score"] += 1
             continue
-        crop_box = remap_box_to_crop(box, width, height, cfg.image_size, cfg.min_box_area_kept)
+        crop_box = remap_box_to_crop(box, width, height, cfg.image_size, cfg.min_box_area_kept, cfg.image_frame)
         if crop_box is None:
             counts["boxes_cropped_out"] += 1
             continue

@@ -4,10 +4,13 @@ into a tokenised sample with its image tensor.
 Source kinds:
 
 - ``grit``: WebDataset shards with an image and a ``<key>.json`` GRIT record: ours (docs/format.md) and GRIT-20M
-  downloaded by img2dataset with ``--save_additional_columns '["noun_chunks","ref_exps"]'``. Boxes are normalised,
+  downloaded by img2dataset with ``--save_additional_columns '["noun_chunks","ref_exps"]'``; or ``.parquet`` files
+  with GRIT's record columns and the image bytes in a column, as Hub mirrors of GRIT hold them
+  (:mod:`kosmos.data.parquet`). Boxes are normalised,
   so they are remapped with the size of the image as decoded, never the ``width``/``height`` of the JSON
   (img2dataset's hold the original size, which differs from the resized image it stores).
-- ``caption``: WebDataset shards with an image and a ``<key>.txt`` caption (img2dataset's layout): plain captions.
+- ``caption``: WebDataset shards with an image and a ``<key>.txt`` caption (img2dataset's layout), or parquet files
+  with an image column and a ``caption`` column: plain captions.
 - ``text``: JSONL files, one ``{"text": ...}`` per line: text-only samples, no image.
 """
 
@@ -28,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from grit_core.record import GritRecord
+from kosmos.data.parquet import is_parquet, parquet_samples
 from kosmos.data.sequence import (
     ReservedTokenInText,
     SequenceConfig,
@@ -127,6 +131,17 @@ def jsonl_lines(handler: LogAndContinue) -> Callable[[Iterator[dict]], Iterator[
     return stage
 
 
+def shard_samples(handler: LogAndContinue) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Pipeline stage: shard dicts to raw samples, each shard read as what its name says (tar or parquet)."""
+    tar, parquet = wds.tarfile_to_samples(handler=handler), parquet_samples(handler)
+
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            yield from (parquet if is_parquet(shard["url"]) else tar)(iter([shard]))
+
+    return stage
+
+
 def epoch_stream(
     source: SourceConfig,
     urls: Sequence[str],
@@ -149,7 +164,7 @@ def epoch_stream(
     if shuffle_shards:
         random.Random(derive_seed(seed, "shards", source.name, epoch)).shuffle(order)
     mine, stride, offset = assign_shards(order, slot, num_slots)
-    read = jsonl_lines(handler) if source.kind == "text" else wds.tarfile_to_samples(handler=handler)
+    read = jsonl_lines(handler) if source.kind == "text" else shard_samples(handler)
     stages: list[Any] = [wds.SimpleShardList(mine), read, take_every(stride, offset)]
     if shuffle_buffer > 1:
         rng = random.Random(derive_seed(seed, "shuffle", source.name, epoch, slot))
@@ -316,7 +331,7 @@ def decode_sample(
         tokens = build_image_text_sample(tokenizer, caption, None, cfg, counts)
     if len(tokens) > max_length:
         raise SampleError("too_long", f"{key}: {len(tokens)} tokens > max_length {max_length}")
-    pixels = normalize_to_array(resize_and_crop(image, cfg.image_size))
+    pixels = normalize_to_array(resize_and_crop(image, cfg.image_size, cfg.image_frame))
     return LoaderSample(tokens, pixels, key, source.name)
 
 

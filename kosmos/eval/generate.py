@@ -25,11 +25,14 @@ def pick_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def crop_box_to_pixels(box: tuple[float, ...], width: int, height: int, size: int) -> list[float]:
-    """A box normalised to the ``size`` centre crop of a ``width x height`` image, in that image's pixels."""
-    from kosmos.data.transform import resize_crop_geometry
+def crop_box_to_pixels(
+    box: tuple[float, ...], width: int, height: int, size: int, frame: str = "center_crop"
+) -> list[float]:
+    """A box normalised to the model's ``size x size`` frame of a ``width x height`` image (its centre crop, or the
+    whole image for ``square``), in that image's pixels."""
+    from kosmos.data.transform import frame_geometry
 
-    new_w, new_h, left, top = resize_crop_geometry(width, height, size)
+    new_w, new_h, left, top = frame_geometry(width, height, size, frame)
     sx, sy = width / new_w, height / new_h
     x1, y1, x2, y2 = box
     return [(x1 * size + left) * sx, (y1 * size + top) * sy, (x2 * size + left) * sx, (y2 * size + top) * sy]
@@ -53,9 +56,15 @@ def draw_entities(image: Image.Image, entities: list[dict[str, Any]]) -> Image.I
 
 
 def generate_for_image(
-    model, tokenizer, image: Image.Image, prompt: str, args: argparse.Namespace | None = None
+    model,
+    tokenizer,
+    image: Image.Image,
+    prompt: str,
+    args: argparse.Namespace | None = None,
+    frame: str = "center_crop",
 ) -> dict[str, Any]:
-    """Run the model on ``image`` after ``prompt`` and parse the result (no files written)."""
+    """Run the model on ``image`` (in ``frame``: ``center_crop`` or ``square``, see kosmos/data/transform.py) after
+    ``prompt`` and parse the result (no files written)."""
     import torch
 
     from kosmos.data.sequence import build_prompt, parse_generated_ids
@@ -64,7 +73,7 @@ def generate_for_image(
     cfg = model.config
     device = next(model.parameters()).device
     ids, slots = build_prompt(tokenizer, prompt, cfg.latent_query_num)
-    pixels = clip_transform(image.convert("RGB"), cfg.vision.image_size)[None].to(device)
+    pixels = clip_transform(image.convert("RGB"), cfg.vision.image_size, frame)[None].to(device)
     generator = None
     if args is not None and args.sample:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -85,6 +94,7 @@ def generate_for_image(
     text, entities = parse_generated_ids(ids + new_ids, tokenizer, cfg.loc_bins)
     return {
         "prompt": prompt,
+        "image_frame": frame,
         "text": text,
         "generated": tokenizer.decode(new_ids, skip_special_tokens=True),
         "entities": [
@@ -92,7 +102,9 @@ def generate_for_image(
                 "phrase": phrase,
                 "span": list(span),
                 "boxes": [list(b) for b in boxes],
-                "boxes_px": [crop_box_to_pixels(b, image.width, image.height, cfg.vision.image_size) for b in boxes],
+                "boxes_px": [
+                    crop_box_to_pixels(b, image.width, image.height, cfg.vision.image_size, frame) for b in boxes
+                ],
             }
             for phrase, span, boxes in entities
         ],

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from grit_core.config import ConfigError, dump_config
 from kosmos.data.tokenizer import KosmosTokenizer
+from kosmos.data.transform import resolve_image_frame
 from kosmos.model.checkpoint import load_state_dict, save_model
 from kosmos.model.model import KosmosModel
 from kosmos.model.parallelize import parallelize
@@ -95,6 +96,9 @@ def _run(cfg: TrainConfig, resume: bool, env: Dist) -> dict[str, Any]:
     seq.image_size = model.config.vision.image_size
     seq.num_image_tokens = model.config.latent_query_num
     seq.num_bins = model.config.loc_bins
+    seq.image_frame = resolve_image_frame(
+        seq.image_frame, cfg.model.checkpoint if cfg.model.init == "checkpoint" else None
+    )
     state = read_trainer_state(resume_from) if resume_from is not None else None
     sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
     if state is not None:

@@ -17,6 +17,24 @@ def tokenizer():
     return KosmosTokenizer.train(CORPUS, vocab_size=600, min_frequency=2)
 
 
+# The image settings of microsoft/kosmos-2-patch14-224's preprocessor_config.json: the whole image resized to
+# 224 x 224 (use_square_size), so the centre crop that follows cuts nothing.
+RELEASED_PREPROCESSOR = {
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "use_square_size": True,
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_convert_rgb": True,
+}
+
+
 @pytest.fixture(scope="session")
 def hf_folders(tmp_path_factory):
     """A sentencepiece BPE trained here, as transformers saves it: a Kosmos-2 processor folder, a plain XLM-R
@@ -42,7 +60,8 @@ def hf_folders(tmp_path_factory):
     shutil.copy(root / "sp.model", spm_dir / "sentencepiece.bpe.model")
     xlmr = XLMRobertaTokenizer.from_pretrained(str(spm_dir))
     xlmr.save_pretrained(str(root / "xlmr_plain"))
-    processor = Kosmos2Processor(CLIPImageProcessorPil(), XLMRobertaTokenizer.from_pretrained(str(spm_dir)))
+    image_processor = CLIPImageProcessorPil(**RELEASED_PREPROCESSOR)
+    processor = Kosmos2Processor(image_processor, XLMRobertaTokenizer.from_pretrained(str(spm_dir)))
     processor.save_pretrained(str(root / "kosmos2"))
     return {"spm_only": spm_dir, "plain": root / "xlmr_plain", "kosmos2": root / "kosmos2", "spm_pieces": 150}
 
