@@ -4,7 +4,8 @@ At 1.6B one 8 x 2,048-token micro-batch has 16k target positions and a 65k vocab
 4.3 GB, and their gradient as much again. :func:`chunked_linear_cross_entropy` computes ``linear + cross_entropy``
 over ``chunk_size`` rows at a time, each chunk under activation checkpointing: the forward keeps only the chunk's
 inputs, the backward recomputes that chunk's logits, so peak memory is one chunk's logits (``chunk_size x vocab``,
-in fp32 for the log-softmax) whatever ``N`` is. The result, and the gradients of the hidden states and of the
+in fp32 for the log-softmax) whatever ``N`` is. Up to ``chunk_size`` rows there is one chunk, computed plainly (no
+recompute: it would save nothing). The result, and the gradients of the hidden states and of the
 weight, are those of ``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` up to float summation order.
 """
 
@@ -41,7 +42,8 @@ def chunked_linear_cross_entropy(
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden (N, D) and targets (N,) expected, got {tuple(hidden.shape)}, {tuple(targets.shape)}")
     total = hidden.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # One chunk holds all the logits anyway: recomputing it in backward would save no memory, only add work.
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and hidden.shape[0] > chunk_size
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if grad:

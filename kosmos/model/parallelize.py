@@ -29,6 +29,9 @@ class ParallelConfig:
     # ops) and recompute the LayerNorms, activations and dropouts: most of the memory saving, little recompute.
     checkpoint_policy: Literal["full", "selective"] = "full"
     compile: bool = False  # torch.compile each block; identical blocks share one compiled graph
+    # "blocks": each block compiled (the generation path stays usable); "model": the trainer compiles its whole
+    # training forward + loss as one graph (no host syncs inside), leaving the blocks eager here.
+    compile_scope: Literal["blocks", "model"] = "blocks"
     # e.g. "bfloat16": gather and compute in bf16, keep fp32 master weights
     fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     fsdp_reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # gradient reduce-scatter precision
@@ -45,7 +48,7 @@ def parallelize(model: KosmosModel, cfg: ParallelConfig, device: torch.device | 
         apply_selective_checkpointing(model)
     elif cfg.activation_checkpointing:
         set_activation_checkpointing(model, True)
-    if cfg.compile:
+    if cfg.compile and cfg.compile_scope == "blocks":
         compile_blocks(model)
     if cfg.data_parallel == "fsdp":
         apply_fsdp(model, cfg)

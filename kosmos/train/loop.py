@@ -118,6 +118,14 @@ class Trainer:
         self.start_step = 0
         self.stop_signal: int | None = None
         self.pending: tuple[Any, int, dict[str, Any]] | None = None  # an asynchronous save: (future, step, counters)
+        self.forward_loss = self._forward_loss
+        if cfg.parallel.compile and cfg.parallel.compile_scope == "model":
+            self.forward_loss = torch.compile(self._forward_loss)
+
+    def _forward_loss(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The summed loss of one micro-batch: the whole forward and loss, free of host syncs (compilable)."""
+        out = self.module(**inputs, reduction="sum", return_logits=False, images_in_slot_order=True, check_slots=False)
+        return out.loss
 
     # ----- one update -----
 
@@ -161,11 +169,9 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             inputs = self._to_device(batch)
             with self._micro_batch_sync(i == len(micro_batches) - 1), self.autocast():
-                out = self.module(
-                    **inputs, reduction="sum", return_logits=False, images_in_slot_order=True, check_slots=False
-                )
-            (out.loss * scale).backward()
-            loss_sum += out.loss.detach().float()
+                loss = self.forward_loss(inputs)
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor

@@ -117,3 +117,17 @@ def test_one_process_asynchronous_sharded_checkpoints_resume_exactly(shapes, tmp
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     wa, wb = load_model(latest_checkpoint(full)).state_dict(), load_model(latest_checkpoint(part)).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow  # the CPU inductor build of the whole training graph takes about a minute on two cores
+def test_whole_forward_and_loss_compiled_gives_the_eager_losses(shapes, tmp_path):
+    from kosmos.cli import main
+
+    sets = ("run.max_steps=3", "data.num_workers=0", "data.batch_size=4", "run.log_every=1", "data.pack=true")
+    sets += ("model.overrides.text.dropout=0.0", "model.overrides.text.attention_dropout=0.0")
+    runs = {}
+    for name, more in {"eager": (), "compiled": ("parallel.compile=true", "parallel.compile_scope=model")}.items():
+        out = tmp_path / name
+        assert main(train_args(shapes["tokenizer"], shapes["train"], out, *sets, *more)) == 0
+        runs[name] = [r["loss"] for r in read_metrics(out)]
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
