@@ -235,7 +235,7 @@ def test_checkpoint_loading_never_unpickles():
     assert calls >= 1  # convert.py reads pytorch_model.bin this way
     # DCP's .metadata is a pickle: the one module that reads it does so through an Unpickler subclass whose
     # find_class allows only listed globals, and never calls pickle.load/loads.
-    dcp = ast.parse((root / "kosmos" / "train" / "checkpoint_dcp.py").read_text())
+    dcp = ast.parse((root / "kosmos" / "model" / "checkpoint_dcp.py").read_text())
     unpicklers = [
         c
         for c in ast.walk(dcp)
