@@ -9,7 +9,7 @@ Annotation input (one list per sample, in the input row or the tar's ``.json``):
      {"phrase": "red ball", "box": [...]}]                               # or the phrase's text
 
 Boxes are normalised to [0, 1] by the upright image's width and height. A span indexes the caption as given in the
-input; normalisation (NFC, white space collapsed, control characters removed, stripped) moves offsets, so spans are
+input; normalisation (HTML references, NFC, white space collapsed, control characters removed, stripped) moves offsets, so spans are
 mapped onto the normalised caption character by character. Where NFC itself changes the caption the character map is
 not exact, and the span's text is searched for instead. An annotation then goes to one kept noun chunk:
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from grit_pipeline.grounding.detector import GroundingResult
 from grit_pipeline.record import containment_filter, sort_entries
-from grit_pipeline.text import Chunk, normalize_caption
+from grit_pipeline.text import Chunk, normalize_caption, unescape_with_offsets
 
 
 def unique_phrases(chunks: Sequence[Chunk]) -> tuple[list[str], list[int]]:
@@ -58,8 +58,10 @@ def unique_phrases(chunks: Sequence[Chunk]) -> tuple[list[str], list[int]]:
 def normalize_with_offsets(raw: str) -> tuple[str, list[int]] | None:
     """``normalize_caption(raw)`` and, for each raw offset 0..len(raw), its offset in the normalised caption.
 
-    None when NFC changes the text (composed characters make the map inexact).
+    None when NFC changes the text (composed characters make the map inexact). HTML character references are
+    decoded first, as ``normalize_caption`` does, with their own map.
     """
+    raw, unescaped_pos = unescape_with_offsets(raw)
     if unicodedata.normalize("NFC", raw) != raw:
         return None
     out: list[str] = []
@@ -80,7 +82,7 @@ def normalize_with_offsets(raw: str) -> tuple[str, list[int]] | None:
     if out and out[-1] == " ":
         out.pop()
     text = "".join(out)
-    return text, [min(p, len(text)) for p in pos]
+    return text, [min(pos[p], len(text)) for p in unescaped_pos]
 
 
 def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
