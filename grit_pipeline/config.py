@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -91,7 +91,11 @@ class DetectorConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
     dtype: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; weights stay fp32 unless the release is fixed)
     batch_size: int = 8
-    # Our choice for Grounding DINO; the paper's 0.65 was for GLIP (configs/grit-paper.yaml sets it).
+    # A phrase's score from its tokens' sigmoids (GRIT_SPEC 3.3): "max", the Grounding DINO demo's and the Hugging
+    # Face post-processor's convention, which its 0.35 threshold goes with; "mean", GLIP's (the paper's detector) and
+    # Grounding DINO's grounding evaluation, which configs/grit-paper.yaml uses with the paper's 0.65.
+    phrase_score: Literal["mean", "max"] = "max"
+    # Our choice for Grounding DINO with max scores; the paper's 0.65 was GLIP's, with mean scores.
     box_threshold: float = 0.35
     nms_iou: float = 0.5
     max_boxes_per_phrase: int = 4
