@@ -9,9 +9,10 @@ Annotation input (one list per sample, in the input row or the tar's ``.json``):
      {"phrase": "red ball", "box": [...]}]                               # or the phrase's text
 
 Boxes are normalised to [0, 1] by the upright image's width and height. A span indexes the caption as given in the
-input; normalisation (HTML references, NFC, white space collapsed, control characters removed, stripped) moves offsets, so spans are
-mapped onto the normalised caption character by character. Where NFC itself changes the caption the character map is
-not exact, and the span's text is searched for instead. An annotation then goes to one kept noun chunk:
+input; normalisation (HTML references decoded, NFC, white space collapsed, control characters removed, stripped)
+moves offsets, so spans are mapped onto the normalised caption character by character. Where NFC itself changes the
+caption the character map is not exact, and the span's text is searched for instead. An annotation then goes to
+one kept noun chunk:
 
 1. the chunk whose referring expression or own span equals the annotation's span;
 2. else the first chunk that lies inside the annotation's span (an annotated phrase "a man in a blue shirt" goes to

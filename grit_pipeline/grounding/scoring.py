@@ -5,7 +5,8 @@ each phrase's character span in the prompt), phrase scores, thresholding, clippi
 per-phrase cap. No model is needed: every function here is tested on hand-made inputs.
 
 A phrase's score for a query is the mean or the largest sigmoid over the phrase's own tokens
-(``detector.phrase_score``). The library's ``text_labels`` are not used: they are assembled from whichever tokens pass a threshold, so they can merge two phrases or cut one.
+(``detector.phrase_score``). The library's ``text_labels`` are not used: they are assembled from whichever tokens
+pass a threshold, so they can merge two phrases or cut one.
 """
 
 from __future__ import annotations
