@@ -146,6 +146,10 @@ class OutputConfig:
     id_type: str = "auto"
     # Seconds between progress lines (0 = only the final summary).
     progress_interval_s: float = 10.0
+    # Stored images (GRIT_SPEC 2, grit_pipeline/image_output.py): "jpg", one extension per corpus as the usual
+    # WebDataset readers expect (JPEG bytes as they came, other formats re-encoded to JPEG, counted); "original",
+    # each input's own bytes and format (jpg, png or webp).
+    image_format: Literal["jpg", "original"] = "jpg"
 
 
 @dataclass

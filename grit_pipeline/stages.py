@@ -31,6 +31,7 @@ import pyarrow as pa
 from grit_pipeline.assemble import build_entries, map_annotations, unique_phrases
 from grit_pipeline.config import GritConfig
 from grit_pipeline.image import process_image
+from grit_pipeline.image_output import stored_image
 from grit_pipeline.inputs import InputFile, InputSample, generated_key, iter_samples
 from grit_pipeline.record import ENTRY_TYPE, STATUS_DROPPED, STATUS_KEPT
 from grit_pipeline.text import Chunk, TextStage
@@ -261,11 +262,8 @@ class ImageActor:
         if provisional:
             row["image"] = None  # the caption decided: dropped, and dropped rows carry no image
             return
-        add_counters(
-            row,
-            {"images_exif_reencoded": int(result.exif_reencoded), "images_converted_png": int(result.converted_png)},
-        )
-        row["image"], row["image_ext"] = result.data, result.ext
+        row["image"], row["image_ext"], counts = stored_image(result, self.cfg.output.image_format)
+        add_counters(row, counts)
         if want_rgb:
             pixels = np.ascontiguousarray(self.prepare(result.rgb, self.cfg.detector), dtype=np.uint8)
             row["pixels"], row["pixels_shape"] = pixels.tobytes(), list(pixels.shape)
