@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "phrases": ("grit_pipeline.phrases_cli", "show how captions are parsed into noun chunks and expressions"),
     "build": ("grit_pipeline.build", "build a GRIT corpus from image-caption pairs (Ray Data job)"),
     "stats": ("grit_pipeline.stats", "write the statistics report of a built corpus"),
+    "export": ("grit_pipeline.export", "write a built corpus's kept records as GRIT-20M-schema parquet"),
 }
 
 
