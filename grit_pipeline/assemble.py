@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from grit_pipeline.grounding.annotations import from_grit_entry
 from grit_pipeline.grounding.detector import GroundingResult
 from grit_pipeline.record import containment_filter, sort_entries
 from grit_pipeline.text import Chunk, normalize_caption, unescape_with_offsets
@@ -158,6 +159,7 @@ def map_annotations(
     out: list[dict[str, Any]] = []
     for ann in annotations:
         counts["annotations"] += 1
+        ann = from_grit_entry(ann) if isinstance(ann, (list, tuple)) else ann  # GRIT's own 7-number entries
         box = annotation_box(ann) if isinstance(ann, dict) else None
         if box is None:
             counts["annotations_invalid"] += 1
