@@ -18,17 +18,26 @@ SUBCOMMANDS = {
 }
 
 
-def dispatch(prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str] | None) -> int:
-    """Shared by ``grit`` and ``kosmos``: pick the subcommand, import its module, parse and run it."""
+def dispatch(
+    prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str] | None, version: str | None = None
+) -> int:
+    """Shared by ``grit`` and ``kosmos``: pick the subcommand, import its module, parse and run it.
+
+    ``--version`` prints ``<prog> <version>`` (the package's ``__version__``) without importing any subcommand.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     width = max(12, *(len(name) + 2 for name in subcommands))
     names = "\n".join(f"  {name:<{width}}{help_}" for name, (_, help_) in subcommands.items())
     usage = (
-        f"usage: {prog} <command> [options]\n\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
+        f"usage: {prog} <command> [options]\n       {prog} --version\n\ncommands:\n{names}\n\n"
+        f"`{prog} <command> --help` for a command's options"
     )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version") and version is not None:
+        print(f"{prog} {version}")
+        return 0
     name = argv[0]
     if name not in subcommands:
         print(f"{prog}: unknown command {name!r}\n\n{usage}", file=sys.stderr)
@@ -41,7 +50,9 @@ def dispatch(prog: str, subcommands: dict[str, tuple[str, str]], argv: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("grit", SUBCOMMANDS, argv)
+    from grit_pipeline import __version__
+
+    return dispatch("grit", SUBCOMMANDS, argv, version=__version__)
 
 
 if __name__ == "__main__":

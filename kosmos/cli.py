@@ -17,7 +17,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("kosmos", SUBCOMMANDS, argv)
+    from kosmos import __version__
+
+    return dispatch("kosmos", SUBCOMMANDS, argv, version=__version__)
 
 
 if __name__ == "__main__":
