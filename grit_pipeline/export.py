@@ -123,9 +123,11 @@ def export_kept(output_dir: str | Path, dest: str | Path, rows_per_file: int = 1
         raise ExportError(f"{output_dir}: {corpus.problems[0]}; the export would miss records")
     files = corpus.index_files()
     dest = Path(dest)
-    if dest.resolve() == Path(output_dir).resolve() or (
-        dest.suffix != ".parquet" and dest.exists() and any(dest.iterdir())
-    ):
+    root = Path(output_dir).resolve()
+    if dest.resolve() == root or root in dest.resolve().parents:
+        # A parquet file beside the shards would read as an unfinished shard to every reader of the output.
+        raise ExportError(f"{dest} is inside the build output {output_dir}: write the export elsewhere")
+    if dest.suffix != ".parquet" and dest.exists() and any(dest.iterdir()):
         raise ExportError(f"{dest} exists and is not empty: give a new folder or a .parquet file name")
     id_type = None
     for _, path in files:

@@ -72,6 +72,8 @@ def test_export_refuses_what_it_cannot_export(corpus, tmp_path, capsys):
     (busy / "keep.txt").write_text("x")
     assert grit_main(["export", str(corpus), "--out", str(busy)]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
+    assert grit_main(["export", str(corpus), "--out", str(corpus / "grit.parquet")]) == 1
+    assert "inside the build output" in capsys.readouterr().err
     assert grit_main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o.parquet")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
