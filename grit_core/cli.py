@@ -20,7 +20,9 @@ def dispatch(
     width = max(12, *(len(name) + 2 for name in subcommands))
     names = "\n".join(f"  {name:<{width}}{help_}" for name, (_, help_) in subcommands.items())
     usage = (
-        f"usage: {prog} <command> [options]\n\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
+        f"usage: {prog} <command> [options]\n"
+        + (f"       {prog} --version\n" if version is not None else "")
+        + f"\ncommands:\n{names}\n\n`{prog} <command> --help` for a command's options"
     )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)

@@ -9,9 +9,10 @@ Annotation input (one list per sample, in the input row or the tar's ``.json``):
      {"phrase": "red ball", "box": [...]}]                               # or the phrase's text
 
 Boxes are normalised to [0, 1] by the upright image's width and height. A span indexes the caption as given in the
-input; normalisation (NFC, white space collapsed, control characters removed, stripped) moves offsets, so spans are
-mapped onto the normalised caption character by character. Where NFC itself changes the caption the character map is
-not exact, and the span's text is searched for instead. An annotation then goes to one kept noun chunk:
+input; normalisation (HTML references decoded, NFC, white space collapsed, control characters removed, stripped)
+moves offsets, so spans are mapped onto the normalised caption character by character. Where NFC itself changes the
+caption the character map is not exact, and the span's text is searched for instead. An annotation then goes to
+one kept noun chunk:
 
 1. the chunk whose referring expression or own span equals the annotation's span;
 2. else the first chunk that lies inside the annotation's span (an annotated phrase "a man in a blue shirt" goes to
@@ -32,8 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from grit_core.record import containment_filter, sort_entries
+from grit_pipeline.grounding.annotations import from_grit_entry
 from grit_pipeline.grounding.detector import GroundingResult
-from grit_pipeline.text import Chunk, normalize_caption
+from grit_pipeline.text import Chunk, normalize_caption, unescape_with_offsets
 
 
 def unique_phrases(chunks: Sequence[Chunk]) -> tuple[list[str], list[int]]:
@@ -58,8 +60,10 @@ def unique_phrases(chunks: Sequence[Chunk]) -> tuple[list[str], list[int]]:
 def normalize_with_offsets(raw: str) -> tuple[str, list[int]] | None:
     """``normalize_caption(raw)`` and, for each raw offset 0..len(raw), its offset in the normalised caption.
 
-    None when NFC changes the text (composed characters make the map inexact).
+    None when NFC changes the text (composed characters make the map inexact). HTML character references are
+    decoded first, as ``normalize_caption`` does, with their own map.
     """
+    raw, unescaped_pos = unescape_with_offsets(raw)
     if unicodedata.normalize("NFC", raw) != raw:
         return None
     out: list[str] = []
@@ -80,7 +84,7 @@ def normalize_with_offsets(raw: str) -> tuple[str, list[int]] | None:
     if out and out[-1] == " ":
         out.pop()
     text = "".join(out)
-    return text, [min(p, len(text)) for p in pos]
+    return text, [min(pos[p], len(text)) for p in unescaped_pos]
 
 
 def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
@@ -155,6 +159,7 @@ def map_annotations(
     out: list[dict[str, Any]] = []
     for ann in annotations:
         counts["annotations"] += 1
+        ann = from_grit_entry(ann) if isinstance(ann, (list, tuple)) else ann  # GRIT's own 7-number entries
         box = annotation_box(ann) if isinstance(ann, dict) else None
         if box is None:
             counts["annotations_invalid"] += 1

@@ -14,11 +14,14 @@ SUBCOMMANDS = {
     "phrases": ("grit_pipeline.phrases_cli", "show how captions are parsed into noun chunks and expressions"),
     "build": ("grit_pipeline.build", "build a GRIT corpus from image-caption pairs (Ray Data job)"),
     "stats": ("grit_pipeline.stats", "write the statistics report of a built corpus"),
+    "export": ("grit_pipeline.export", "write a built corpus's kept records as GRIT-20M-schema parquet"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("grit", SUBCOMMANDS, argv)
+    from grit_pipeline import __version__
+
+    return dispatch("grit", SUBCOMMANDS, argv, version=__version__)
 
 
 if __name__ == "__main__":

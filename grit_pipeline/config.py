@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from grit_core.config import ConfigError, config_to_dict, dump_config, load_config  # noqa: F401 (re-exported)
 
@@ -88,7 +89,11 @@ class DetectorConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
     dtype: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast; weights stay fp32 unless the release is fixed)
     batch_size: int = 8
-    # Our choice for Grounding DINO; the paper's 0.65 was for GLIP (configs/grit-paper.yaml sets it).
+    # A phrase's score from its tokens' sigmoids (GRIT_SPEC 3.3): "max", the Grounding DINO demo's and the Hugging
+    # Face post-processor's convention, which its 0.35 threshold goes with; "mean", GLIP's (the paper's detector) and
+    # Grounding DINO's grounding evaluation, which configs/grit-paper.yaml uses with the paper's 0.65.
+    phrase_score: Literal["mean", "max"] = "max"
+    # Our choice for Grounding DINO with max scores; the paper's 0.65 was GLIP's, with mean scores.
     box_threshold: float = 0.35
     nms_iou: float = 0.5
     max_boxes_per_phrase: int = 4
@@ -156,6 +161,10 @@ class OutputConfig:
     id_type: str = "auto"
     # Seconds between progress lines (0 = only the final summary).
     progress_interval_s: float = 10.0
+    # Stored images (GRIT_SPEC 2, grit_pipeline/image_output.py): "jpg", one extension per corpus as the usual
+    # WebDataset readers expect (JPEG bytes as they came, other formats re-encoded to JPEG, counted); "original",
+    # each input's own bytes and format (jpg, png or webp).
+    image_format: Literal["jpg", "original"] = "jpg"
 
 
 @dataclass

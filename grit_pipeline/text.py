@@ -10,7 +10,9 @@ between Ray workers.
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,7 +86,14 @@ class TextResult:
 
 
 def normalize_caption(text: str) -> str:
-    """NFC; white space of any kind becomes a space; other Cc/Cf characters are removed; spaces collapsed; stripped."""
+    """HTML character references decoded, then NFC; white space of any kind becomes a space; other Cc/Cf characters
+    are removed; spaces collapsed; stripped.
+
+    Decoding comes first so that what a reference stands for (``&#8203;``, ``&nbsp;``) goes through the same rules as
+    the character itself. It is done once: ``&amp;quot;`` becomes ``&quot;``, as a browser shows it.
+    """
+    if "&" in text:
+        text = html.unescape(text)
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
         text = "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _REMOVED_CATEGORIES)
@@ -97,6 +106,41 @@ def normalize_caption(text: str) -> str:
 _REMOVED_CATEGORIES = frozenset(("Cc", "Cf"))
 # ASCII control characters that are not white space (per str.isspace) are deleted; white space is kept for split().
 _ASCII_CONTROLS = {i: None for i in range(128) if unicodedata.category(chr(i)) == "Cc" and not chr(i).isspace()}
+
+
+# The character references html.unescape decodes (its own pattern: numeric, hex, and named ones with or without ";").
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+
+
+def unescape_with_offsets(raw: str) -> tuple[str, list[int]]:
+    """``html.unescape(raw)`` and, for each offset 0..len(raw) of ``raw``, its offset in the decoded text.
+
+    Every character of a reference maps to where its replacement starts, so a span that begins or ends inside
+    ``&amp;`` snaps to the decoded ``&``. Each reference decodes on its own exactly as ``html.unescape`` decodes it
+    in context, which is what makes the map exact.
+    """
+    pos = list(range(len(raw) + 1))
+    if "&" not in raw:
+        return raw, pos
+    out: list[str] = []
+    done = 0  # raw offset up to which ``out`` is built
+    length = 0
+    for m in _CHARREF.finditer(raw):
+        plain = raw[done : m.start()]
+        for i in range(len(plain)):
+            pos[done + i] = length + i
+        out.append(plain)
+        length += len(plain)
+        decoded = html.unescape(m.group())
+        for i in range(m.start(), m.end()):
+            pos[i] = length
+        out.append(decoded)
+        length += len(decoded)
+        done = m.end()
+    for i in range(done, len(raw) + 1):
+        pos[i] = length + i - done
+    out.append(raw[done:])
+    return "".join(out), pos
 
 
 def check_caption(raw: str | None, max_chars: int) -> tuple[str, str | None]:
@@ -119,9 +163,11 @@ def check_caption(raw: str | None, max_chars: int) -> tuple[str, str | None]:
 def chunk_filter_reason(chunk, abstract_nouns: frozenset[str] | set[str], drop_pronouns: bool) -> str | None:
     """Why ``chunk`` (a spaCy Span) is filtered out, or None to keep it."""
     root = chunk.root
-    if drop_pronouns and root.pos_ == "PRON":
+    pos = root.pos_
+    if drop_pronouns and pos == "PRON":
         return "pronoun"
-    if root.lemma_.lower() in abstract_nouns:
+    # Only common nouns: "Bob Hope" (PROPN) is a person, not hope.
+    if pos != "PROPN" and root.lemma_.lower() in abstract_nouns:
         return "abstract_noun"
     return None
 
@@ -132,27 +178,80 @@ def chunk_filter_reason(chunk, abstract_nouns: frozenset[str] | set[str], drop_p
 _DEP_CC = 407
 _DEP_CONJ = 410
 
+# Brackets and typographic quotes pair open with close (nesting respected); straight quotes, which look the same at
+# both ends, pair by parity: the first with the second, the third with the fourth.
+_OPENING = {
+    "(": ")",
+    "[": "]",
+    "{": "}",
+    "\u201c": "\u201d",
+    "\u2018": "\u2019",
+    "\u00ab": "\u00bb",
+    "\u2039": "\u203a",
+}
+_CLOSING = {close: open_ for open_, close in _OPENING.items()}
+_STRAIGHT_QUOTES = frozenset(('"', "'"))
+_PAIRABLE = frozenset(_OPENING) | frozenset(_CLOSING) | _STRAIGHT_QUOTES
+
 
 def _is_trimmable(token) -> bool:
     return token.is_punct or token.is_space or token.dep == _DEP_CC
 
 
+def paired_tokens(doc, first: int, last: int) -> set[int]:
+    """Indices of the tokens in ``doc[first..last]`` that are a bracket or quote paired with another one in that range.
+
+    A token counts as a bracket or quote when its whole text is one (``(``, ``"``, a typographic quote).
+    """
+    paired: set[int] = set()
+    stack: list[int] = []
+    open_straight: dict[str, int] = {}
+    for i in range(first, last + 1):
+        text = doc[i].text
+        if text not in _PAIRABLE:
+            continue
+        if text in _STRAIGHT_QUOTES:
+            j = open_straight.pop(text, None)
+            if j is None:
+                open_straight[text] = i
+            else:
+                paired.update((i, j))
+        elif text in _OPENING:
+            stack.append(i)
+        else:
+            # A closing bracket pairs with the nearest unclosed opening one of its kind; one without a partner
+            # (a stray ")") leaves the stack alone.
+            want = _CLOSING[text]
+            for k in range(len(stack) - 1, -1, -1):
+                if doc[stack[k]].text == want:
+                    paired.update((i, stack[k]))
+                    del stack[k:]
+                    break
+    return paired
+
+
+def _stops_trimming(doc, i: int, first: int, last: int) -> bool:
+    return doc[i].text in _PAIRABLE and i in paired_tokens(doc, first, last)
+
+
 def expand_to_referring_expression(chunk) -> tuple[int, int]:
-    """Character span ``(start, end)`` of the chunk's referring expression.
+    """Character span ``(start, end)`` of the chunk's referring expression (GRIT_SPEC 3.4).
 
     The span of the chunk root's subtree (``root.left_edge`` .. ``root.right_edge``), with punctuation, white space
-    and dangling coordinating conjunctions trimmed from both ends but never into the chunk itself. A root with a
-    ``conj`` child is not expanded ("we do not expand noun chunks with conjuncts"): the expression is the chunk.
+    and dangling coordinating conjunctions trimmed from both ends but never into the chunk itself, and never a
+    bracket or quote that pairs with one inside the span (``Kit (1,351 Pieces)`` keeps its ``)``). A root with
+    conjuncts in either direction (a ``conj`` child, or itself a ``conj``: ``root.conjuncts``) is not expanded ("we
+    do not expand noun chunks with conjuncts"): the expression is the chunk.
     """
     root = chunk.root
     doc = chunk.doc
-    if any(child.dep == _DEP_CONJ for child in root.children):
+    if root.dep == _DEP_CONJ or any(child.dep == _DEP_CONJ for child in root.children):
         return chunk.start_char, chunk.end_char
     first = min(root.left_edge.i, chunk.start)
     last = max(root.right_edge.i, chunk.end - 1)
-    while first < chunk.start and _is_trimmable(doc[first]):
+    while first < chunk.start and _is_trimmable(doc[first]) and not _stops_trimming(doc, first, first, last):
         first += 1
-    while last >= chunk.end and _is_trimmable(doc[last]):
+    while last >= chunk.end and _is_trimmable(doc[last]) and not _stops_trimming(doc, last, first, last):
         last -= 1
     start_char = min(doc[first].idx, chunk.start_char)
     end_char = max(doc[last].idx + len(doc[last].text), chunk.end_char)

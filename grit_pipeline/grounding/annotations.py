@@ -9,6 +9,11 @@ They go through the same writer and statistics as detector boxes, with the rules
 
 Malformed annotations (phrase index out of range, box not four finite numbers, score not a number) are skipped and
 counted in ``GroundingResult.invalid_annotations``; they never fail the batch.
+
+An input annotation is an object (``{"start", "end", "box", "score"}`` or ``{"phrase": text, ...}``) or one of GRIT's
+own entries, ``[start, end, x1, y1, x2, y2, score]`` as the release's ``noun_chunks`` and ``ref_exps`` hold them
+(offsets into the input caption, often stored as doubles): :func:`from_grit_entry` turns the latter into the former
+before the spans are tied to noun chunks (:func:`grit_pipeline.assemble.map_annotations`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ import numpy as np
 from grit_pipeline.config import DetectorConfig
 from grit_pipeline.grounding.detector import Detection, GroundingInput, GroundingResult
 from grit_pipeline.grounding.scoring import Candidates, finalize
+
+
+def from_grit_entry(entry: Any) -> dict[str, Any] | None:
+    """A GRIT ``[start, end, x1, y1, x2, y2, score]`` entry as an annotation object, or None when malformed.
+
+    ``start``/``end`` must be whole numbers (GRIT-20M stores them as doubles: ``5.0`` is 5); the box and score are
+    checked later, like those of any annotation.
+    """
+    if not isinstance(entry, (list, tuple)) or len(entry) != 7:
+        return None
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in entry):
+        return None
+    start, end = entry[0], entry[1]
+    if not all(math.isfinite(v) and float(v).is_integer() for v in (start, end)):
+        return None
+    return {"start": int(start), "end": int(end), "box": [float(v) for v in entry[2:6]], "score": float(entry[6])}
 
 
 class AnnotationDetector:

@@ -305,7 +305,7 @@ class GroundingDinoDetector:
                 token_type_ids=torch.zeros_like(input_ids),
             )
             length = input_ids.shape[1]
-            scores = phrase_scores(out.logits[:, :, :length].float(), token_phrase, num_phrases)
+            scores = phrase_scores(out.logits[:, :, :length].float(), token_phrase, num_phrases, self.cfg.phrase_score)
         return scores, out.pred_boxes.float()
 
     def _pixels(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,9 @@ Prompt building and splitting, the token-to-phrase map (the "positive map" of GL
 each phrase's character span in the prompt), phrase scores, thresholding, clipping, class-agnostic NMS and the
 per-phrase cap. No model is needed: every function here is tested on hand-made inputs.
 
-A phrase's score for a query is the largest sigmoid over the phrase's own tokens. The library's ``text_labels``
-are not used: they are assembled from whichever tokens pass a threshold, so they can merge two phrases or cut one.
+A phrase's score for a query is the mean or the largest sigmoid over the phrase's own tokens
+(``detector.phrase_score``). The library's ``text_labels`` are not used: they are assembled from whichever tokens
+pass a threshold, so they can merge two phrases or cut one.
 """
 
 from __future__ import annotations
@@ -123,20 +124,33 @@ def token_phrase_index(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple
     return index
 
 
-def phrase_scores(logits: torch.Tensor, token_phrase: torch.Tensor, num_phrases: int) -> torch.Tensor:
-    """score[b, q, p] = max over the tokens t of phrase p of sigmoid(logits[b, q, t]).
+def phrase_scores(
+    logits: torch.Tensor, token_phrase: torch.Tensor, num_phrases: int, reduce: str = "max"
+) -> torch.Tensor:
+    """score[b, q, p] = the mean (``reduce="mean"``) or max (``"max"``) over the tokens t of phrase p of
+    sigmoid(logits[b, q, t]) (``detector.phrase_score``, GRIT_SPEC 3.3).
 
-    ``logits`` (B, Q, T) query-token logits; ``token_phrase`` (B, T) phrase index of each token, -1 for tokens of
-    no phrase (special tokens, separators, padding). A phrase with no token scores 0. Since sigmoid is monotonic
-    the maximum is taken over logits, in one scatter, then squashed.
+    ``mean`` is GLIP's ``SCORE_AGG="MEAN"`` and Grounding DINO's grounding evaluation (a normalised positive map);
+    ``max`` is the Grounding DINO demo's and the Hugging Face post-processor's. ``logits`` (B, Q, T) query-token
+    logits; ``token_phrase`` (B, T) phrase index of each token, -1 for tokens of no phrase (special tokens,
+    separators, padding). A phrase with no token scores 0. Both are one scatter over the token axis; for max, since
+    sigmoid is monotonic, the maximum is taken over logits and then squashed.
     """
     import torch  # here, not at the top: the annotation detector uses this module without torch
 
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"phrase score reduce must be 'max' or 'mean', got {reduce!r}")
     logits = torch.as_tensor(logits)
     token_phrase = torch.as_tensor(token_phrase, device=logits.device)
     batch, queries, tokens = logits.shape
     # Tokens of no phrase go to an extra column that is dropped.
     column = torch.where(token_phrase >= 0, token_phrase, torch.full_like(token_phrase, num_phrases))
+    if reduce == "mean":
+        sums = torch.zeros((batch, queries, num_phrases + 1), dtype=logits.dtype, device=logits.device)
+        sums = sums.scatter_add(2, column[:, None, :].expand(batch, queries, tokens), torch.sigmoid(logits))
+        counts = torch.zeros((batch, num_phrases + 1), dtype=logits.dtype, device=logits.device)
+        counts = counts.scatter_add(1, column, torch.ones_like(column, dtype=logits.dtype))
+        return (sums / counts.clamp(min=1)[:, None, :])[:, :, :num_phrases]  # (B, Q, P)
     column = column[:, None, :].expand(batch, queries, tokens)
     out = torch.full((batch, queries, num_phrases + 1), float("-inf"), dtype=logits.dtype, device=logits.device)
     out = out.scatter_reduce(2, column, logits, reduce="amax", include_self=True)

@@ -201,6 +201,6 @@ def apply_metadata(sample: InputSample, meta: dict[str, Any], caption_key: str =
             annotations = annotations.decode("utf-8", "replace")
         if isinstance(annotations, str):
             annotations = json.loads(annotations)
-        if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
-            raise ValueError("annotations must be a list of objects")
+        if not isinstance(annotations, list) or not all(isinstance(a, (dict, list)) for a in annotations):
+            raise ValueError("annotations must be a list of objects or of GRIT [start, end, x1, y1, x2, y2, score]")
         sample.annotations = annotations

@@ -14,6 +14,7 @@ import numpy as np
 from grit_core.record import STATUS_DROPPED
 from grit_pipeline.config import StageResources
 from grit_pipeline.image import process_image
+from grit_pipeline.image_output import stored_image
 from grit_pipeline.stages.base import Drop, Output, Row, Stage, count
 
 
@@ -52,11 +53,8 @@ class DecodeStage(Stage):
         if provisional:
             row["image"] = None  # the caption decided: dropped, and dropped rows carry no image
             return None
-        count(
-            row,
-            {"images_exif_reencoded": int(result.exif_reencoded), "images_converted_png": int(result.converted_png)},
-        )
-        row["image"], row["image_ext"] = result.data, result.ext
+        row["image"], row["image_ext"], counts = stored_image(result, self.cfg.output.image_format)
+        count(row, counts)
         if want_rgb:
             pixels = np.ascontiguousarray(self.prepare(result.rgb, self.cfg.detector), dtype=np.uint8)
             row["pixels"], row["pixels_shape"] = pixels.tobytes(), list(pixels.shape)

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"grit stats: {exc}", file=sys.stderr)
         return 1
     s = result.figures["samples"]
-    print(f"{s['input']:,} input pairs, {s['kept']:,} kept; figures in {result.seconds['figures']:.1f} s")
+    what = " (img2dataset download: kept = downloaded)" if result.figures["source"]["mode"] == "img2dataset" else ""
+    print(f"{s['input']:,} input pairs, {s['kept']:,} kept{what}; figures in {result.seconds['figures']:.1f} s")
     for warning in result.figures["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     for path in (result.html, result.stats, result.summary):

@@ -24,7 +24,15 @@ import pyarrow.parquet as pq
 
 from grit_core.record import CHUNK_DROP_REASONS, DROP_REASONS, STATUS_DROPPED, STATUS_KEPT
 from grit_pipeline.stats.accumulators import BottomKSample, CountHistogram, Histogram, TopCounter
-from grit_pipeline.stats.corpus import Corpus, parse_time
+from grit_pipeline.stats.corpus import (
+    IMG2DATASET_DROP_REASONS,
+    IMG2DATASET_SUCCESS,
+    Corpus,
+    CorpusError,
+    parse_time,
+    shard_counters,
+    shard_seconds,
+)
 from grit_pipeline.stats.entries import CaptionBytes, flatten_entries, group_spans, head_words, lower, word_counts
 
 FIGURES_VERSION = 1
@@ -73,6 +81,7 @@ class FigureAccumulator:
         self.opts = opts
         self.rows = 0
         self.status: Counter[str] = Counter()
+        self.unknown_status: Counter[str] = Counter()  # rows whose status is neither kept nor dropped
         self.drop_reasons: Counter[str] = Counter()
         self.formats: Counter[str] = Counter()
         self.totals: Counter[str] = Counter()
@@ -94,21 +103,35 @@ class FigureAccumulator:
         self.expressions = TopCounter(opts.counter_capacity)
         self.sample = BottomKSample(opts.samples, opts.seed)
 
-    def add_batch(self, batch: pa.RecordBatch, shard: str) -> None:
+    def add_batch(self, batch: pa.RecordBatch, shard: str, layout: str = "grit") -> None:
+        """Fold one index batch in. ``layout`` (:func:`index_layout`) says what the ``status`` column means."""
         names = set(batch.schema.names)
         n = batch.num_rows
         self.rows += n
-        if "status" in names:
-            status = batch.column("status")
-            self.status.update(_value_counts(status, "(null)"))
-            kept_mask = pc.fill_null(pc.equal(status, STATUS_KEPT), False)
-            if "drop_reason" in names:
-                dropped = pc.fill_null(pc.equal(status, STATUS_DROPPED), False)
-                self.drop_reasons.update(_value_counts(pc.filter(batch.column("drop_reason"), dropped), "(none)"))
-            kept = batch.filter(kept_mask)
-        else:  # GRIT-20M-style: every row is a record
+        if layout == "records":  # GRIT-20M-style: every row is a record
             self.status[STATUS_KEPT] += n
             kept = batch
+        else:
+            status = batch.column("status")
+            if layout == "img2dataset":
+                # A download's row: "success" is a record with its image, any other status is the failure.
+                kept_mask = pc.fill_null(pc.equal(status, IMG2DATASET_SUCCESS), False)
+                dropped_mask = pc.and_(pc.invert(kept_mask), pc.is_valid(status))
+                reasons = pc.filter(status, dropped_mask)
+            else:
+                kept_mask = pc.fill_null(pc.equal(status, STATUS_KEPT), False)
+                dropped_mask = pc.fill_null(pc.equal(status, STATUS_DROPPED), False)
+                reasons = pc.filter(batch.column("drop_reason"), dropped_mask) if "drop_reason" in names else None
+            n_kept = pc.sum(kept_mask).as_py() or 0
+            n_dropped = pc.sum(dropped_mask).as_py() or 0
+            self.status[STATUS_KEPT] += n_kept
+            self.status[STATUS_DROPPED] += n_dropped
+            if reasons is not None:
+                self.drop_reasons.update(_value_counts(reasons, "(none)"))
+            if n_kept + n_dropped < n:
+                other = pc.invert(pc.or_(kept_mask, dropped_mask))
+                self.unknown_status.update(_value_counts(pc.filter(status, other), "(null)"))
+            kept = batch.filter(kept_mask)
         for name, hist in self.per_input.items():
             column = f"num_{name}"
             if column in names:
@@ -187,12 +210,29 @@ def _sum_counters(dicts: list[Any]) -> dict[str, float]:
     return total
 
 
+def index_layout(schema_names: set[str]) -> str:
+    """What a parquet file's rows are: ``records`` (no ``status``: every row a GRIT-20M-style record),
+    ``img2dataset`` (img2dataset's ``status`` and ``error_message``, no ``drop_reason``) or ``grit`` (our index)."""
+    if "status" not in schema_names:
+        return "records"
+    if "error_message" in schema_names and "drop_reason" not in schema_names:
+        return "img2dataset"
+    return "grit"
+
+
 def compute_figures(corpus: Corpus, opts: FigureOptions | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One pass over the corpus: ``(figures, gallery rows)``. Figures are plain JSON-ready data."""
+    """One pass over the corpus: ``(figures, gallery rows)``. Figures are plain JSON-ready data.
+
+    Raises :class:`CorpusError` when index files exist but none of them could be read as GRIT records: a report
+    of zero records would be a wrong figure, not a finding.
+    """
     opts = opts or FigureOptions()
     acc = FigureAccumulator(opts)
     warnings = list(corpus.problems)
-    for shard, path in corpus.index_files():
+    files = corpus.index_files()
+    used = 0
+    layouts: Counter[str] = Counter()
+    for shard, path in files:
         try:
             pf = pq.ParquetFile(path)
             present = set(pf.schema_arrow.names)
@@ -200,12 +240,28 @@ def compute_figures(corpus: Corpus, opts: FigureOptions | None = None) -> tuple[
             if missing:
                 warnings.append(f"{path.name}: no column {missing[0]!r}; file left out of the figures")
                 continue
+            layout = index_layout(present)
             columns = [c for c in INDEX_COLUMNS if c in present]
             for batch in pf.iter_batches(batch_size=opts.batch_size, columns=columns):
-                acc.add_batch(batch, shard)
+                acc.add_batch(batch, shard, layout)
+            used += 1
+            layouts[layout] += 1
         except (OSError, pa.ArrowException) as exc:
             warnings.append(f"{path.name}: unreadable parquet ({exc}); file left out of the figures")
-    counters = _sum_counters([s.stats.get("counts") for s in corpus.shards])
+    if files and not used:
+        hint = (
+            " (an img2dataset download of GRIT-20M keeps them with --save_additional_columns "
+            '\'["id","noun_chunks","ref_exps","clip_similarity_vitb32","clip_similarity_vitl14"]\')'
+            if corpus.mode == "img2dataset"
+            else ""
+        )
+        raise CorpusError(
+            f"none of the {len(files)} parquet file(s) under {corpus.root} could be read as GRIT records: "
+            f"{warnings[-1]}; the records need the columns {', '.join(REQUIRED_COLUMNS)}{hint}"
+        )
+    if corpus.mode == "img2dataset" and layouts.get("img2dataset", 0) < used:
+        warnings.append("some parquet files of this img2dataset download have no img2dataset status column")
+    counters = _sum_counters([shard_counters(s, corpus.mode) for s in corpus.shards])
     figures = _assemble(corpus, acc, counters, warnings)
     return figures, acc.sample.sample()
 
@@ -217,13 +273,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _assemble(corpus: Corpus, acc: FigureAccumulator, counters: dict[str, float], warnings: list[str]) -> dict:
     t = acc.totals
     kept = acc.status.get(STATUS_KEPT, 0)
-    known = [r for r in DROP_REASONS if acc.drop_reasons.get(r)]
-    unknown = sorted(r for r in acc.drop_reasons if r not in DROP_REASONS)
+    reasons = _drop_reasons(corpus)
+    known = [r for r in reasons if acc.drop_reasons.get(r)]
+    unknown = sorted(r for r in acc.drop_reasons if r not in reasons)
     if unknown:
         warnings.append(f"drop reasons not in the format: {', '.join(unknown)}")
+    if acc.unknown_status:
+        values = ", ".join(f"{v!r} ({n})" for v, n in acc.unknown_status.most_common())
+        warnings.append(
+            f"{sum(acc.unknown_status.values())} index rows have a status that is neither kept nor dropped: "
+            f"{values}; they count as input pairs only"
+        )
     if t["malformed_entries"]:
         warnings.append(f"{t['malformed_entries']} noun_chunks/ref_exps entries break the format and were skipped")
-    has_counters = corpus.mode == "shards" and bool(counters)
+    has_counters = corpus.mode != "parquet" and bool(counters)
     boxes_raw_index = acc.per_input["boxes_raw"].total if acc.per_input["boxes_raw"].n else None
     chunks_found_index = acc.per_input["chunks_found"].total if acc.per_input["chunks_found"].n else None
     figures: dict[str, Any] = {
@@ -239,7 +302,7 @@ def _assemble(corpus: Corpus, acc: FigureAccumulator, counters: dict[str, float]
             "found": counters.get("chunks_found", chunks_found_index),
             "kept": counters.get("chunks_kept"),
             "filtered": {r: counters.get(f"chunks_filtered_{r}", 0) for r in CHUNK_DROP_REASONS}
-            if has_counters
+            if has_counters and corpus.mode == "shards"
             else {},
             "grounded": t["grounded_chunks"],
         },
@@ -262,7 +325,7 @@ def _assemble(corpus: Corpus, acc: FigureAccumulator, counters: dict[str, float]
         "timing": _timing(corpus, acc.rows, kept),
         "reference": {"published": GRIT_REFERENCE, "corpus": _reference_side(acc, kept)},
         "counters": counters,
-        "checks": _checks(acc, counters, boxes_raw_index, chunks_found_index) if has_counters else [],
+        "checks": _checks(acc, counters, boxes_raw_index, chunks_found_index, reasons) if has_counters else [],
         "warnings": warnings,
     }
     for check in figures["checks"]:
@@ -273,6 +336,15 @@ def _assemble(corpus: Corpus, acc: FigureAccumulator, counters: dict[str, float]
     return figures
 
 
+def _drop_reasons(corpus: Corpus) -> tuple[str, ...]:
+    """The drop reasons a corpus of this layout can hold; any other is reported as not in the format."""
+    if corpus.mode == "img2dataset":
+        return IMG2DATASET_DROP_REASONS
+    if corpus.mode == "parquet":
+        return (*DROP_REASONS, *IMG2DATASET_DROP_REASONS)
+    return DROP_REASONS
+
+
 def _source(corpus: Corpus) -> dict[str, Any]:
     manifest = corpus.manifest or {}
     out: dict[str, Any] = {
@@ -281,7 +353,7 @@ def _source(corpus: Corpus) -> dict[str, Any]:
         "shards": len(corpus.shards),
         "index_files": len(corpus.index_files()),
         "incomplete_shards": corpus.incomplete,
-        "has_images": corpus.mode == "shards" and any(s.tar is not None for s in corpus.shards),
+        "has_images": corpus.mode != "parquet" and any(s.tar is not None for s in corpus.shards),
     }
     for name in ("created_at", "updated_at", "result_config_hash", "detector", "spacy_model", "versions"):
         if name in manifest:
@@ -308,7 +380,7 @@ def _reference_side(acc: FigureAccumulator, kept: int) -> dict[str, Any]:
 
 
 def _timing(corpus: Corpus, inputs: int, kept: int) -> dict[str, Any]:
-    seconds = _sum_counters([s.stats.get("seconds") for s in corpus.shards])
+    seconds = _sum_counters([shard_seconds(s, corpus.mode) for s in corpus.shards])
     starts = [parse_time(s.stats.get("started_at")) for s in corpus.shards]
     ends = [parse_time(s.stats.get("finished_at")) for s in corpus.shards]
     starts = [x for x in starts if x]
@@ -328,14 +400,20 @@ def _timing(corpus: Corpus, inputs: int, kept: int) -> dict[str, Any]:
     }
 
 
-def _checks(acc: FigureAccumulator, counters: dict[str, float], boxes_raw: int | None, chunks_found: int | None):
+def _checks(
+    acc: FigureAccumulator,
+    counters: dict[str, float],
+    boxes_raw: int | None,
+    chunks_found: int | None,
+    reasons: tuple[str, ...] = DROP_REASONS,
+):
     """The index and the counters are written by different code paths; where they should agree, say so."""
     t = acc.totals
     pairs = [
         ("input", acc.rows),
         ("kept", acc.status.get(STATUS_KEPT, 0)),
         ("dropped", acc.status.get(STATUS_DROPPED, 0)),
-        *((f"dropped_{r}", acc.drop_reasons.get(r, 0)) for r in DROP_REASONS),
+        *((f"dropped_{r}", acc.drop_reasons.get(r, 0)) for r in reasons),
         ("chunks_grounded", t["grounded_chunks"]),
         ("boxes", t["boxes"]),
         ("ref_exps", t["ref_entries"]),

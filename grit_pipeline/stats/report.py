@@ -83,11 +83,18 @@ def funnel_rows(fig: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+READ_AS = {
+    "shards": "grit build shards",
+    "img2dataset": "an img2dataset download (kept = downloaded, with its record)",
+    "parquet": "parquet records (GRIT-20M style)",
+}
+
+
 def _header(fig: dict[str, Any], generated: str) -> str:
     src = fig["source"]
     facts = [
         ["corpus", src["path"]],
-        ["read as", "grit build shards" if src["mode"] == "shards" else "parquet records (GRIT-20M style)"],
+        ["read as", READ_AS.get(src["mode"], src["mode"])],
         ["shards / index files", f"{src['shards']} / {src['index_files']}"],
         ["report written", generated],
     ]
@@ -299,7 +306,7 @@ def make_report(path: str | Path, out_dir: str | Path, opts: FigureOptions | Non
     corpus: Corpus = open_corpus(path)
     fig, rows = compute_figures(corpus, opts)
     t1 = time.perf_counter()
-    items = build_gallery(rows, corpus.tar_of) if corpus.mode == "shards" else []
+    items = build_gallery(rows, corpus.tar_of) if corpus.mode != "parquet" else []
     t2 = time.perf_counter()
     generated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     out = Path(out_dir)

@@ -35,9 +35,9 @@ import torch.distributed as dist
 from grit_core.config import dump_config
 from kosmos.data.tokenizer import KosmosTokenizer
 from kosmos.model.checkpoint import save_checkpoint, save_config
+from kosmos.model.checkpoint_dcp import save_sharded
 from kosmos.model.hf import SIDE_FILES
 from kosmos.model.model import IGNORE_INDEX, KosmosModel
-from kosmos.model.checkpoint_dcp import save_sharded
 from kosmos.train.config import TrainConfig
 from kosmos.train.log import MetricsLogger, format_progress
 from kosmos.train.setup import Dist, lr_factor

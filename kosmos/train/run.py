@@ -27,9 +27,9 @@ from grit_core.config import ConfigError, dump_config
 from kosmos.data.tokenizer import KosmosTokenizer
 from kosmos.data.transform import resolve_image_frame
 from kosmos.model.checkpoint import load_state_dict, save_model
+from kosmos.model.checkpoint_dcp import is_sharded_checkpoint, load_sharded
 from kosmos.model.model import KosmosModel
 from kosmos.model.parallelize import parallelize
-from kosmos.model.checkpoint_dcp import is_sharded_checkpoint, load_sharded
 from kosmos.train.config import TrainConfig
 from kosmos.train.log import MetricsLogger
 from kosmos.train.loop import Trainer

@@ -106,3 +106,37 @@ def test_match_chunk_prefers_exact_then_contained_then_overlap():
     assert match_chunk((9, 21), chunks) == 1
     assert match_chunk((3, 14), chunks) == 1  # contains no chunk; overlaps "a blue shirt" most
     assert match_chunk((6, 8), chunks) is None
+
+
+def test_annotation_spans_follow_html_decoding():
+    raw = "&quot;Tom &amp; Jerry&quot; on a poster"
+    caption = normalize_caption(raw)
+    assert caption == '"Tom & Jerry" on a poster'
+    start = raw.index("Tom")
+    end = raw.index("&quot; on")
+    assert annotation_span(raw, caption, {"start": start, "end": end}) == (1, 12)
+    start = raw.index("a poster")
+    assert annotation_span(raw, caption, {"start": start, "end": len(raw)}) == (17, 25)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["&amp;", "&quot;", "&#39;", "&#x41;", "&not", "&nbsp;", "&#8203;", "&bogus;", "&", " "]),
+            st.text(alphabet="ab ;#&\t", max_size=4),
+        ),
+        max_size=20,
+    ).map("".join)
+)
+def test_offset_map_agrees_with_normalize_caption_on_html_references(raw):
+    import html
+
+    from grit_pipeline.text import unescape_with_offsets
+
+    decoded, pos = unescape_with_offsets(raw)
+    assert decoded == html.unescape(raw)
+    assert len(pos) == len(raw) + 1 and pos == sorted(pos) and pos[-1] == len(decoded)
+    mapped = normalize_with_offsets(raw)
+    if mapped is not None:
+        assert mapped[0] == normalize_caption(raw)
+        assert all(0 <= p <= len(mapped[0]) for p in mapped[1])

@@ -54,27 +54,37 @@ def test_end_to_end_records_and_readback(reference_build, reference_input, tmp_p
     assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
 
 
-def test_shards_read_back_with_webdataset_ray_and_pyarrow(reference_build, ray_session):
+def test_shards_read_back_with_webdataset_ray_datasets_and_pyarrow(reference_build, ray_session, tmp_path):
+    """The default output (``output.image_format: jpg``) reads with the idioms users write, taken as they are."""
+    import datasets
     import ray
     import webdataset as wds
 
     out = reference_build
     tars = sorted(str(p) for p in out.glob("*.tar"))
+    # The reference input holds PNGs (its JSONL rows): they were re-encoded, and counted.
+    got = read_output(out)
+    png_inputs = [k for k in got["records"] if k.startswith("row_")]
+    assert png_inputs and got["manifest"]["totals"]["images_converted_jpeg"] == len(png_inputs)
+    assert {r["image_ext"] for r in got["rows"].values() if r["status"] == "kept"} == {"jpg"}
+
+    # 1. webdataset: .decode("pil").to_tuple("jpg", "json") raises on any sample without a .jpg.
     n = 0
-    for sample in wds.WebDataset(tars, shardshuffle=False).decode("pil"):
-        rec = sample["json"]
+    for image, rec in wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "json"):
         validate_record(rec, check_order=True)
-        image = sample.get("jpg") or sample.get("png") or sample.get("webp")
         assert image.size == (rec["width"], rec["height"])
-        assert sample["txt"] == rec["caption"] and sample["__key__"] == rec["key"]
         n += 1
     assert n == REFERENCE_SAMPLES - 1
-    # PIL images: the default numpy decoding cannot stack a column whose rows mix jpg and png samples.
-    rows = ray.data.read_webdataset(tars, decoder="PIL").take_all()
+    # 2. ray.data.read_webdataset with its default decoding (numpy arrays).
+    rows = ray.data.read_webdataset(tars).take_all()
     assert len(rows) == REFERENCE_SAMPLES - 1
-    for row in rows:  # a sample's absent extensions come back as None or NaN
-        (image,) = [row[ext] for ext in ("jpg", "png", "webp") if hasattr(row.get(ext), "size")]
-        assert image.size == (row["json"]["width"], row["json"]["height"])
+    for row in rows:
+        assert row["jpg"].shape == (row["json"]["height"], row["json"]["width"], 3)
+    # 3. Hugging Face datasets' webdataset builder, which gives jpg=None for a sample stored under another name.
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train", cache_dir=str(tmp_path))
+    assert ds.num_rows == REFERENCE_SAMPLES - 1
+    for row in ds:
+        assert row["jpg"] is not None and row["jpg"].size == (row["json"]["width"], row["json"]["height"])
     table = pads.dataset(sorted(str(p) for p in out.glob("*.parquet")), format="parquet").to_table()
     assert table.num_rows == REFERENCE_SAMPLES
     assert table.filter(pads.field("status") == "kept").num_rows == REFERENCE_SAMPLES - 1

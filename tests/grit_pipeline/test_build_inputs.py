@@ -70,7 +70,9 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     parent_before = set(os.listdir(tmp_path))
 
     out = tmp_path / "out"
-    code, text = run_cli(build_args([str(inputs)], out, build_overrides, ["output.samples_per_shard=50"]))
+    # Each input's own format is kept (output.image_format=original), so the image rules' conversions show.
+    extra = ["output.samples_per_shard=50", "output.image_format=original"]
+    code, text = run_cli(build_args([str(inputs)], out, build_overrides, extra))
     assert code == 0, text
     got = read_output(out)
     rows = got["rows"]

@@ -32,10 +32,40 @@ def test_real_parse_conjunct_and_filters(stage):
     results = stage(["a cat and a dog on a sofa", "Happiness is a warm puppy", "she holds it in her hands"])
     cat = results[0].chunks[0]
     assert (cat.text, results[0].caption[cat.expr_start : cat.expr_end]) == ("a cat", "a cat")
+    dog = results[0].chunks[1]
+    assert (dog.text, results[0].caption[dog.expr_start : dog.expr_end]) == ("a dog", "a dog")
     assert [(d.text, d.reason) for d in results[1].dropped_chunks] == [("Happiness", "abstract_noun")]
     assert [c.text for c in results[1].chunks] == ["a warm puppy"]
     assert [d.reason for d in results[2].dropped_chunks] == ["pronoun", "pronoun"]
     assert [c.text for c in results[2].chunks] == ["her hands"]
+
+
+def expressions(result) -> list[tuple[str, str]]:
+    return [(c.text, result.caption[c.expr_start : c.expr_end]) for c in result.chunks]
+
+
+def test_real_parse_of_each_text_rule(stage):
+    couch, kit, hope, starry = stage(
+        [
+            "A cat and a dog sleeping on a couch",
+            "LEGO Creator Expert Building Kit (1,351 Pieces)",
+            "Bob Hope at the show, full of hope",
+            "&quot;The Starry Night&quot; by Van Gogh",
+        ]
+    )
+    # Conjuncts in either direction: neither "A cat" nor "a dog" is expanded.
+    assert expressions(couch) == [("A cat", "A cat"), ("a dog", "a dog"), ("a couch", "a couch")]
+    # The subtree's ")" pairs with its "(": kept.
+    assert expressions(kit)[0] == (
+        "LEGO Creator Expert Building Kit",
+        "LEGO Creator Expert Building Kit (1,351 Pieces)",
+    )
+    # "Bob Hope" (PROPN root) is kept; the common noun "hope" is filtered.
+    assert [c.text for c in hope.chunks] == ["Bob Hope", "the show"]
+    assert [(d.text, d.reason) for d in hope.dropped_chunks] == [("hope", "abstract_noun")]
+    # Entities decoded before parsing.
+    assert starry.caption == '"The Starry Night" by Van Gogh'
+    assert expressions(starry)[0] == ('"The Starry Night', '"The Starry Night" by Van Gogh')
 
 
 def test_stage_drop_reasons(stage):
@@ -106,6 +136,32 @@ def test_grit_phrases_command(spacy_model_name):
     assert [c["text"] for c in view["noun_chunks"]] == ["a dog", "a field", "flowers"]
     assert view["ref_exps"][0] == {"start": 0, "end": 27, "text": "a dog in a field of flowers", "chunk": 0}
     assert [r["text"] for r in view["retained"]] == ["a dog in a field of flowers"]
+
+
+def test_grit_phrases_follows_each_text_rule(spacy_model_name, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text(
+        "A cat and a dog sleeping on a couch\n"
+        "LEGO Creator Expert Building Kit (1,351 Pieces)\n"
+        "Bob Hope at the show, full of hope\n"
+        "&quot;The Starry Night&quot; by Van Gogh\n",
+        encoding="utf-8",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "grit_pipeline", "phrases", "--model", spacy_model_name, "--file", str(captions)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    couch, kit, hope, starry = (json.loads(line) for line in out.strip().splitlines())
+    assert [r["text"] for r in couch["ref_exps"]] == ["A cat", "a dog", "a couch"]
+    assert kit["ref_exps"][0]["text"] == "LEGO Creator Expert Building Kit (1,351 Pieces)"
+    assert [r["text"] for r in kit["retained"]] == ["LEGO Creator Expert Building Kit (1,351 Pieces)"]
+    assert [c["text"] for c in hope["noun_chunks"]] == ["Bob Hope", "the show"]
+    assert hope["dropped_chunks"] == [{"start": 30, "end": 34, "text": "hope", "reason": "abstract_noun"}]
+    assert starry["caption"] == '"The Starry Night" by Van Gogh'
+    assert starry["noun_chunks"][0] == {"start": 0, "end": 17, "text": '"The Starry Night'}
+    assert starry["ref_exps"][0]["text"] == '"The Starry Night" by Van Gogh'
 
 
 def test_grit_phrases_missing_model_is_one_line():

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from kosmos.model.checkpoint_dcp import load_sharded, save_sharded
 from kosmos.model.parallelize import ParallelConfig, parallelize
 from kosmos.model.registry import create_model
-from kosmos.model.checkpoint_dcp import load_sharded, save_sharded
 from kosmos.train.state import optimizer_state_to_files, write_json
 
 

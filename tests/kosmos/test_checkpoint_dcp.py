@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kosmos.model.registry import create_model
 from kosmos.model.checkpoint_dcp import (
     DCP_DIR,
     DcpCheckpointError,
@@ -23,6 +22,7 @@ from kosmos.model.checkpoint_dcp import (
     load_sharded,
     save_sharded,
 )
+from kosmos.model.registry import create_model
 from kosmos.train.state import read_optimizer_state
 
 WORKER = Path(__file__).with_name("dcp_worker.py")

@@ -75,3 +75,56 @@ def test_annotation_detector_imports_no_torch_of_its_own():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_grit_entries_become_annotations():
+    from grit_pipeline.grounding.annotations import from_grit_entry
+
+    # GRIT-20M stores offsets as doubles.
+    assert from_grit_entry([0.0, 5.0, 0.1, 0.2, 0.5, 0.9, 0.71]) == {
+        "start": 0,
+        "end": 5,
+        "box": [0.1, 0.2, 0.5, 0.9],
+        "score": 0.71,
+    }
+    assert from_grit_entry((2, 9, 0, 0, 1, 1, 1)) == {"start": 2, "end": 9, "box": [0.0, 0.0, 1.0, 1.0], "score": 1.0}
+    for bad in (
+        [0, 5, 0.1, 0.2, 0.5, 0.9],
+        [0.5, 5, 0.1, 0.2, 0.5, 0.9, 0.7],
+        [0, "5", 0.1, 0.2, 0.5, 0.9, 0.7],
+        [True, 5, 0.1, 0.2, 0.5, 0.9, 0.7],
+        [0, float("inf"), 0.1, 0.2, 0.5, 0.9, 0.7],
+        "0 5 ...",
+        None,
+    ):
+        assert from_grit_entry(bad) is None, bad
+
+
+def test_grit_noun_chunks_and_ref_exps_ground_a_caption(spacy_model_name):
+    """GRIT's own entries, through the same path as any annotation: spans tied to chunks, then the detector."""
+    from grit_pipeline.inputs import InputSample, apply_metadata
+
+    from grit_pipeline.assemble import build_entries, map_annotations, unique_phrases
+    from grit_pipeline.config import TextConfig
+    from grit_pipeline.text import TextStage
+
+    raw = "a man in a blue shirt riding a horse"
+    noun_chunks = [[0.0, 5.0, 0.1, 0.1, 0.5, 0.9, 0.8], [29.0, 36.0, 0.5, 0.4, 1.0, 1.0, 0.6]]
+    ref_exps = [[0.0, 21.0, 0.1, 0.1, 0.5, 0.9, 0.8], [29.0, 36.0, 0.5, 0.4, 1.0, 1.0, 0.6]]
+    malformed = [[0.0, 5.0, 0.1]]
+    sample = InputSample(key="k", source="test", caption=raw)
+    apply_metadata(sample, {"annotations": noun_chunks + malformed})  # lists are accepted, not a bad_input
+    (text,) = TextStage(TextConfig(spacy_model=spacy_model_name))([raw])
+    phrases, of_chunk = unique_phrases(text.chunks)
+    assert phrases == ["a man", "a blue shirt", "a horse"]
+    for entries, invalid in ((sample.annotations, 1), (ref_exps, 0)):
+        mapped, counts = map_annotations(raw, text.caption, text.chunks, of_chunk, entries)
+        assert counts["annotations_invalid"] == invalid and not counts["annotations_unmatched"]
+        assert [(m["phrase"], m["score"]) for m in mapped] == [(0, 0.8), (2, 0.6)]
+        _, result = run(mapped, phrases=phrases)
+        nc, re_, _ = build_entries(text.chunks, of_chunk, result)
+        assert [e[:2] for e in nc] == [[0, 5], [29, 36]]
+        # The expressions are the caption's own parse (GRIT_SPEC 3.4), whichever span the entry gave.
+        man = text.chunks[0]
+        assert [e[:2] for e in re_] == [[man.expr_start, man.expr_end], [29, 36]]
+        assert [e[2:] for e in nc] == [[0.1, 0.1, 0.5, 0.9, 0.8], [0.5, 0.4, 1.0, 1.0, 0.6]]

@@ -38,7 +38,7 @@ def detector(tiny_grounding_dino_path):
     return det
 
 
-def independent_detections(model, tokenizer, image, phrases, threshold, min_side):
+def independent_detections(model, tokenizer, image, phrases, threshold, min_side, phrase_score="max"):
     """Scores and boxes computed here from the model's raw outputs, without the detector's code."""
     text = " . ".join(p.lower() for p in phrases) + " ."
     enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
@@ -55,7 +55,7 @@ def independent_detections(model, tokenizer, image, phrases, threshold, min_side
         e = s + len(p)
         start = e
         tokens = [t for t, (a, b) in enumerate(offsets) if b > a and a >= s and b <= e]
-        columns.append(probs[:, tokens].max(dim=1).values)
+        columns.append(probs[:, tokens].max(dim=1).values if phrase_score == "max" else probs[:, tokens].mean(dim=1))
     per_phrase = torch.stack(columns, dim=1)  # (Q, P)
     best_score, best = per_phrase.max(dim=1)
     found = []
@@ -69,11 +69,18 @@ def independent_detections(model, tokenizer, image, phrases, threshold, min_side
     return sorted(found, key=lambda d: (d[0], -d[2]))
 
 
-def test_scores_equal_an_independent_computation_from_raw_outputs(tiny_grounding_dino_path):
+@pytest.mark.parametrize("phrase_score, threshold", [("max", 0.75), ("mean", 0.6)])
+def test_scores_equal_an_independent_computation_from_raw_outputs(tiny_grounding_dino_path, phrase_score, threshold):
     from transformers import AutoModelForZeroShotObjectDetection, AutoTokenizer
 
     # NMS and the cap are switched off here (they have their own tests), so every kept query must match.
-    cfg = small_cfg(tiny_grounding_dino_path, box_threshold=0.75, nms_iou=1.0, max_boxes_per_phrase=1000)
+    cfg = small_cfg(
+        tiny_grounding_dino_path,
+        box_threshold=threshold,
+        nms_iou=1.0,
+        max_boxes_per_phrase=1000,
+        phrase_score=phrase_score,
+    )
     det = make_detector(cfg)
     det.setup()
     model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_grounding_dino_path).eval()
@@ -88,7 +95,9 @@ def test_scores_equal_an_independent_computation_from_raw_outputs(tiny_grounding
     results = det(inputs)
     total = 0
     for inp, res in zip(inputs, results):
-        expected = independent_detections(model, tokenizer, inp.image, inp.phrases, 0.75, cfg.min_box_side)
+        expected = independent_detections(
+            model, tokenizer, inp.image, inp.phrases, threshold, cfg.min_box_side, phrase_score
+        )
         got = [(d.phrase, list(d.box), d.score) for d in res.detections]
         assert [g[0] for g in got] == [e[0] for e in expected]
         for (_, gb, gs), (_, eb, es) in zip(got, expected):

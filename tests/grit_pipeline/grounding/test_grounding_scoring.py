@@ -64,6 +64,36 @@ def test_multi_token_phrase_scores_its_best_token_only_within_its_span():
     np.testing.assert_allclose(scores[0].numpy(), [[0.7, 0.0], [0.0, 0.6]], atol=1e-6)
 
 
+def test_mean_phrase_score_averages_the_sigmoids_of_the_phrase_tokens():
+    # GLIP's SCORE_AGG="MEAN": every token of the phrase counts, the separator and special tokens do not.
+    prompt = build_prompt(["a red hat", "dog"], [0, 1])
+    words = ["a", "red", "hat", ".", "dog", "."]
+    index = token_phrase_index(offsets_of(prompt.text, words), prompt.spans)
+    logits = torch.full((1, 2, len(index)), NEG)
+    logits[0, 0, 1] = logit(0.2)  # "a"
+    logits[0, 0, 2] = logit(0.7)  # "red"
+    logits[0, 0, 3] = logit(0.4)  # "hat"
+    logits[0, 0, 4] = logit(0.99)  # "." belongs to no phrase
+    logits[0, 1, 5] = logit(0.6)  # "dog"
+    scores = phrase_scores(logits, torch.as_tensor(index)[None], num_phrases=2, reduce="mean")
+    np.testing.assert_allclose(scores[0].numpy(), [[(0.2 + 0.7 + 0.4) / 3, 0.0], [0.0, 0.6]], atol=1e-6)
+    # The same logits under max: the best token alone.
+    best = phrase_scores(logits, torch.as_tensor(index)[None], num_phrases=2, reduce="max")
+    np.testing.assert_allclose(best[0].numpy(), [[0.7, 0.0], [0.0, 0.6]], atol=1e-6)
+
+
+def test_mean_phrase_score_batched_rows_padding_and_empty_phrases():
+    # Row 0: phrase 0 has one token, phrase 1 one; row 1: phrase 0 has two tokens, phrase 1 none (scores 0).
+    index = torch.tensor([[-1, 0, 1, -1, -1], [-1, 0, 0, -1, -1]])
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 9.0, 50.0]], [[0.0, 1.0, 2.0, 9.0, 50.0]]])
+    scores = phrase_scores(logits, index, num_phrases=2, reduce="mean")
+    sig = torch.sigmoid(torch.tensor([1.0, 2.0]))
+    expected = torch.tensor([[[sig[0], sig[1]]], [[(sig[0] + sig[1]) / 2, 0.0]]])
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(ValueError, match="max' or 'mean"):
+        phrase_scores(logits, index, num_phrases=2, reduce="sum")
+
+
 def test_two_phrases_sharing_a_word_score_separately():
     prompt = build_prompt(["red hat", "red car"], [0, 1])
     words = ["red", "hat", ".", "red", "car", "."]
