@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,9 @@ class GroundingDinoDetector:
         self.notes: list[str] = []  # facts worth recording in a manifest (fallbacks, library quirks)
         # Running totals for the stage's stats: forward passes, (image, prompt) items, image and padded pixels.
         self.counters = {"forward_passes": 0, "items": 0, "pixels": 0, "padded_pixels": 0}
+        # Host seconds by kind (benchmarks report them apart): assembling inputs, waiting for the device's results,
+        # selecting candidates from raw outputs, and the final clip / NMS / cap.
+        self.timings = {"host_inputs_s": 0.0, "device_wait_s": 0.0, "select_s": 0.0, "nms_s": 0.0}
 
     # ---------------------------------------------------------------------------------------------------------
     # Set-up
@@ -198,11 +202,13 @@ class GroundingDinoDetector:
             for it, c in zip(chunk, cands):
                 found[it.image].append(c)
 
+        t0 = time.perf_counter()
         for i, result in enumerate(results):
             cands = Candidates.concat(found.get(i, []))
             result.num_boxes_raw = len(cands)
             kept = finalize(cands, self.cfg.nms_iou, self.cfg.max_boxes_per_phrase, self.cfg.min_box_side)
             result.detections = _detections(kept, aliases[i])
+        self.timings["nms_s"] += time.perf_counter() - t0
         return results
 
     def _checked_image(self, image: Any) -> tuple[np.ndarray | None, str]:
@@ -284,13 +290,21 @@ class GroundingDinoDetector:
 
     def _finish(self, launched):
         for chunk, scores, boxes in launched:
-            yield chunk, self._candidates(chunk, scores.cpu(), boxes.cpu())
+            t0 = time.perf_counter()
+            scores, boxes = scores.cpu(), boxes.cpu()
+            t1 = time.perf_counter()
+            cands = self._candidates(chunk, scores, boxes)
+            self.timings["device_wait_s"] += t1 - t0
+            self.timings["select_s"] += time.perf_counter() - t1
+            yield chunk, cands
 
     def _launch(self, images: list[np.ndarray], items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queue the forward pass of one group of equal padded shape: phrase scores (B, Q, P) and boxes (B, Q, 4),
         still on the device."""
+        t0 = time.perf_counter()
         pixel_values, pixel_mask = self._pixels(images)
         input_ids, attention_mask, token_phrase = self._text(items)
+        self.timings["host_inputs_s"] += time.perf_counter() - t0
         self.counters["forward_passes"] += 1
         self.counters["items"] += len(items)
         self.counters["pixels"] += sum(image.shape[0] * image.shape[1] for image in images)
