@@ -25,6 +25,7 @@ import torch
 
 from grit_pipeline.config import DetectorConfig
 from grit_pipeline.grounding.batching import ShapeQueues
+from grit_pipeline.grounding.compiled import CompiledForward, text_bucket
 from grit_pipeline.grounding.detector import Detection, GroundingInput, GroundingResult
 from grit_pipeline.grounding.device_nms import DEFAULT_CAP, ItemCandidates, finish_sorted, queue_selection
 from grit_pipeline.grounding.precision import (
@@ -99,6 +100,7 @@ class GroundingDinoDetector:
         self._half_weights_request = half_weights  # None: decided by the device and the installed release
         self.half_weights = False
         self.model: Any = None
+        self.compiled: CompiledForward | None = None
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
         self.amp_dtype: torch.dtype | None = None
@@ -169,6 +171,23 @@ class GroundingDinoDetector:
             want = half_weights_wanted(self.device, self.amp_dtype, type(getattr(model, "model", model)))
         if want and self.amp_dtype is not None:
             self._try_half_weights()
+        self._install_kernels()
+        compile_wanted = self.cfg.compile == "on" or (self.cfg.compile == "auto" and self.device.type == "cuda")
+        if compile_wanted:
+            self.compiled = CompiledForward(
+                self.model,
+                self.cfg.max_compiled_graphs,
+                self.cfg.compile_cache_dir,
+                cuda_graphs=self.cfg.cuda_graphs and self.device.type == "cuda",
+            )
+
+    def _install_kernels(self) -> None:
+        """The fused deformable-attention kernel where the config and the device allow it."""
+        from grit_pipeline.grounding.msda_triton import install_msda_kernel
+
+        note = install_msda_kernel(self.model, self.cfg.msda_kernel, self.device)
+        if note:
+            self.notes.append(note)
 
     def _try_half_weights(self) -> None:
         """Cast the weights to the autocast dtype if one probe pass gives finite outputs; else keep fp32."""
@@ -383,17 +402,33 @@ class GroundingDinoDetector:
         self.counters["pixels"] += sum(image.shape[0] * image.shape[1] for image in images)
         self.counters["padded_pixels"] += pixel_mask.numel()
         num_phrases = max(len(it.prompt.phrase_ids) for it in items)
+        inputs = dict(
+            pixel_values=pixel_values.to(self.model.dtype),
+            pixel_mask=pixel_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        )
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            out = self.model(
-                pixel_values=pixel_values.to(self.model.dtype),
-                pixel_mask=pixel_mask,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=torch.zeros_like(input_ids),
-            )
+            out = self._forward((*pixel_mask.shape, input_ids.shape[1]), inputs)
             length = input_ids.shape[1]
             scores = phrase_scores(out.logits[:, :, :length].float(), token_phrase, num_phrases)
         return scores, out.pred_boxes.float()
+
+    def _forward(self, key: tuple, inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's forward, compiled where set up; a compiler failure is noted and the detector goes eager."""
+        if self.compiled is None:
+            return self.model(**inputs)
+        try:
+            return self.compiled(key, **inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager model computes the same thing
+            note = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); running eager"
+            log.warning(note)
+            self.notes.append(note)
+            self.compiled = None
+            return self.model(**inputs)
 
     def _pixels(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised, zero-padded (B, 3, H, W) pixels and (B, H, W) mask, built on the device from uint8."""
@@ -423,6 +458,8 @@ class GroundingDinoDetector:
         waiting (a blocking copy would make the host wait for the previous group's forward pass)."""
         longest = max(len(it.input_ids) for it in items)
         length = min(self.max_text_tokens, math.ceil(longest / TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE)
+        if self.compiled is not None:
+            length = text_bucket(longest, self.max_text_tokens)
         pad_id = self.tokenizer.pad_token_id or 0
         cuda = self.device.type == "cuda"
         host = torch.empty((3, len(items), length), dtype=torch.long, pin_memory=cuda)
