@@ -125,7 +125,8 @@ class DetectorConfig:
     disable_torch_checks: bool = True
     # torch.compile the model per (padded shape, text length, batch), at most max_compiled_graphs graphs (then
     # eager); "auto" compiles on CUDA only. The cache of compiled code persists in compile_cache_dir ("" = torch's).
-    compile: Literal["auto", "on", "off"] = "auto"
+    # Off by default: each graph costs a compile at start-up, worth it only for long runs (docs/grounding.md).
+    compile: Literal["auto", "on", "off"] = "off"
     max_compiled_graphs: int = 16
     compile_cache_dir: str = ""
     # CUDA graphs for compiled forwards (torch.compile mode "reduce-overhead"); CUDA only.

@@ -160,6 +160,25 @@ class FusedMultiScaleDeformableAttention(nn.Module):
         )
 
 
+def self_check(device: torch.device) -> str:
+    """Run the kernel once at toy size against the PyTorch path on ``device``: "" when they agree, else why not."""
+    from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        shapes_list = [(6, 5), (3, 3)]
+        shapes = torch.tensor(shapes_list, device=device)
+        starts = torch.tensor([0, 30], device=device)
+        value = torch.randn(2, 39, 2, 32, generator=gen).to(device)
+        loc = (torch.rand(2, 7, 2, 2, 4, 2, generator=gen) * 1.2 - 0.1).to(device)
+        weights = torch.softmax(torch.randn(2, 7, 2, 8, generator=gen), -1).view(2, 7, 2, 2, 4).to(device)
+        ref = MultiScaleDeformableAttention()(value, shapes, shapes_list, starts, loc, weights, 64)
+        err = (msda_fused(value, shapes, starts, loc, weights) - ref).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile here is a fallback, not a crash
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return "" if err < 1e-4 else f"max abs difference {err:.2e}"
+
+
 def install_msda_kernel(model: Any, choice: str, device: torch.device) -> str:
     """Swap the fused kernel into ``model`` per ``choice`` ("auto": on CUDA where Triton imports; "triton": the
     same, with a note when it cannot; "pytorch": never). Returns a note for the manifest ("" when none)."""
@@ -171,6 +190,11 @@ def install_msda_kernel(model: Any, choice: str, device: torch.device) -> str:
             log.warning(note)
             return note
         return ""
+    problem = self_check(device)
+    if problem:
+        note = f"fused deformable-attention kernel failed its check on {device} ({problem}); using the PyTorch path"
+        log.warning(note)
+        return note
     swapped = 0
     for module in model.modules():
         attn = getattr(module, "attn", None)
