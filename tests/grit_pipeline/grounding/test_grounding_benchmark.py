@@ -55,7 +55,8 @@ def test_damping_brings_random_weights_to_tens_of_candidates(tiny_grounding_dino
     before = np.mean([r.num_boxes_raw for r in det([GroundingInput(a, p) for a, p in zip(arrays, phrases)])])
     damped_detector(model, tokenizer, cfg, arrays, phrases, "tiny", calib=3)
     after = [r.num_boxes_raw for r in det([GroundingInput(a, p) for a, p in zip(arrays, phrases)])]
-    assert 5 <= np.median(after) <= 3 * TARGET_CANDIDATES < before
+    # The tiny model has 50 queries, nearly all over the threshold undamped; damped, about the target pass.
+    assert before > 45 and abs(np.median(after) - TARGET_CANDIDATES) <= 15
 
 
 def test_benchmark_imports_no_ray_spacy_or_webdataset():
