@@ -111,6 +111,27 @@ class DetectorConfig:
     allow_random_weights: bool = False
     # Test-only fault injection: an actor raises SystemExit after this many batches (0 = never).
     fault_after_batches: int = 0
+    # Padded sides are multiples of this (the backbone's stride is 32): images of one padded shape share a forward.
+    pad_multiple: int = 32
+    # GroundingDinoDetector.stream holds at most this many images in its per-shape queues to fill whole batches.
+    queue_window: int = 1024
+    # Threshold, clip, sort and NMS overlaps on the device, one copy of the small results per forward group
+    # (false: the host functions on the full outputs; the same boxes, used as the reference).
+    device_postprocess: bool = True
+    # Sets TRANSFORMERS_DISABLE_TORCH_CHECK=1 (unless already set): removes 12 host syncs per forward pass from
+    # transformers' shape checks, which only check inputs the detector builds itself.
+    disable_torch_checks: bool = True
+    # torch.compile the model per (padded shape, text length, batch), at most max_compiled_graphs graphs (then
+    # eager); "auto" compiles on CUDA only. The cache of compiled code persists in compile_cache_dir ("" = torch's).
+    # Off by default: each graph costs a compile at start-up, worth it only for long runs (docs/grounding.md).
+    compile: Literal["auto", "on", "off"] = "off"
+    max_compiled_graphs: int = 16
+    compile_cache_dir: str = ""
+    # CUDA graphs for compiled forwards (torch.compile mode "reduce-overhead"); CUDA only.
+    cuda_graphs: bool = False
+    # Multi-scale deformable attention: "auto" = the fused Triton kernel on CUDA where triton imports, else
+    # transformers' PyTorch path.
+    msda_kernel: Literal["auto", "triton", "pytorch"] = "auto"
 
 
 @dataclass

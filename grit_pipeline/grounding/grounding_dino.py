@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from grit_pipeline.config import DetectorConfig
+from grit_pipeline.grounding.batching import ShapeQueues
+from grit_pipeline.grounding.compiled import CompiledForward, text_bucket
 from grit_pipeline.grounding.detector import Detection, GroundingInput, GroundingResult
+from grit_pipeline.grounding.device_nms import DEFAULT_CAP, ItemCandidates, finish_sorted, queue_selection
 from grit_pipeline.grounding.precision import (
     autocast,
     autocast_dtype,
@@ -65,10 +70,23 @@ class DetectorUnavailable(RuntimeError):
 class _Item:
     """One forward-pass item: an image with one of its prompts."""
 
-    image: int  # index into the call's batch
+    image: int  # sequence number of the input in the stream
     prompt: Prompt
     input_ids: list[int]
     token_phrase: np.ndarray  # (T,) position in prompt.phrase_ids, -1 for none
+    ordinal: int = 0  # position among its image's items
+
+
+@dataclass
+class _Image:
+    """An input between admission and its result: items still out, and the candidates of those returned."""
+
+    result: GroundingResult
+    alias: dict[int, list[int]]  # first index of a phrase text -> its repeats
+    array: np.ndarray | None
+    items: list[_Item]
+    remaining: int
+    parts: list = field(default_factory=list)  # (ordinal, item, candidates) per returned item
 
 
 class GroundingDinoDetector:
@@ -78,16 +96,20 @@ class GroundingDinoDetector:
         self.cfg = cfg
         self.model_id = cfg.model
         self.random_weights = False
-        self.pad_multiple = pad_multiple or getattr(cfg, "pad_multiple", DEFAULT_PAD_MULTIPLE)
+        self.pad_multiple = pad_multiple or cfg.pad_multiple or DEFAULT_PAD_MULTIPLE
         self._half_weights_request = half_weights  # None: decided by the device and the installed release
         self.half_weights = False
         self.model: Any = None
+        self.compiled: CompiledForward | None = None
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
         self.amp_dtype: torch.dtype | None = None
         self.notes: list[str] = []  # facts worth recording in a manifest (fallbacks, library quirks)
         # Running totals for the stage's stats: forward passes, (image, prompt) items, image and padded pixels.
         self.counters = {"forward_passes": 0, "items": 0, "pixels": 0, "padded_pixels": 0}
+        # Host seconds by kind (benchmarks report them apart): assembling inputs, waiting for the device's results,
+        # selecting candidates from raw outputs, and the final clip / NMS / cap.
+        self.timings = {"host_inputs_s": 0.0, "device_wait_s": 0.0, "select_s": 0.0, "nms_s": 0.0}
 
     # ---------------------------------------------------------------------------------------------------------
     # Set-up
@@ -135,6 +157,9 @@ class GroundingDinoDetector:
             note = "this transformers release computes Grounding DINO text position embeddings in int64"
             log.warning("%s; boxes differ from later releases' (upgrade transformers)", note)
             self.notes.append(note)
+        if getattr(self.cfg, "disable_torch_checks", True):
+            # Read by transformers at every call; the checks only test shapes this detector builds itself.
+            os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -146,6 +171,23 @@ class GroundingDinoDetector:
             want = half_weights_wanted(self.device, self.amp_dtype, type(getattr(model, "model", model)))
         if want and self.amp_dtype is not None:
             self._try_half_weights()
+        self._install_kernels()
+        compile_wanted = self.cfg.compile == "on" or (self.cfg.compile == "auto" and self.device.type == "cuda")
+        if compile_wanted:
+            self.compiled = CompiledForward(
+                self.model,
+                self.cfg.max_compiled_graphs,
+                self.cfg.compile_cache_dir,
+                cuda_graphs=self.cfg.cuda_graphs and self.device.type == "cuda",
+            )
+
+    def _install_kernels(self) -> None:
+        """The fused deformable-attention kernel where the config and the device allow it."""
+        from grit_pipeline.grounding.msda_triton import install_msda_kernel
+
+        note = install_msda_kernel(self.model, self.cfg.msda_kernel, self.device)
+        if note:
+            self.notes.append(note)
 
     def _try_half_weights(self) -> None:
         """Cast the weights to the autocast dtype if one probe pass gives finite outputs; else keep fp32."""
@@ -171,39 +213,73 @@ class GroundingDinoDetector:
     # ---------------------------------------------------------------------------------------------------------
 
     def __call__(self, batch: list[GroundingInput]) -> list[GroundingResult]:
+        """One result per input, in order (the :class:`Detector` interface): :meth:`stream` over this batch."""
+        return list(self.stream(batch, window=max(1, len(batch))))
+
+    def stream(self, inputs: Iterable[GroundingInput], window: int | None = None) -> Iterator[GroundingResult]:
+        """Results of ``inputs``, in order, with items queued per padded shape across inputs.
+
+        A shape's queue is forwarded as soon as it holds ``batch_size`` items; at most ``window`` images
+        (``cfg.queue_window`` by default) are held, and when the window is full the queue of the oldest image is
+        forwarded as it is. Each group's results are taken one group later (the device runs the next group
+        meanwhile), and each image is finalised as soon as its last item returns. Which images share a forward pass
+        changes nothing in an image's boxes: only images of one padded shape are batched, and padding depends on
+        the image alone.
+        """
         if self.model is None:
             self.setup()
-        results = [GroundingResult() for _ in batch]
-        images: list[np.ndarray | None] = []
-        aliases: list[dict[int, list[int]]] = []  # per input: first index of a phrase text -> its repeats
-        groups: dict[tuple[int, int], list[_Item]] = defaultdict(list)
-        for i, inp in enumerate(batch):
-            image, error = self._checked_image(inp.image)
-            images.append(image)
-            items, too_long, alias = self._items(inp, i)
-            aliases.append(alias)
-            results[i].too_long_phrases = sorted(j for t in too_long for j in [t, *alias.get(t, [])])
-            if image is None:
-                results[i].error = error
-                continue
-            groups[self._padded_shape(image)].extend(items)
+        window = max(1, window or self.cfg.queue_window)
+        queues = ShapeQueues(max(1, self.cfg.batch_size))
+        states: dict[int, _Image] = {}
+        next_out, seq = 0, 0
+        pending: list | None = None  # the launched group whose results are not taken yet
 
-        chunks = []
-        for shape in sorted(groups):
-            items = groups[shape]
-            step = max(1, self.cfg.batch_size)
-            chunks += [items[start : start + step] for start in range(0, len(items), step)]
-        found: dict[int, list[Candidates]] = defaultdict(list)
-        for chunk, cands in self._ground_chunks(images, chunks):
-            for it, c in zip(chunk, cands):
-                found[it.image].append(c)
+        def run(group: list[_Item]) -> None:
+            nonlocal pending
+            launched = self._launch_safely(group, states)
+            if pending is not None:
+                self._finish(pending, states)
+            pending = launched
 
-        for i, result in enumerate(results):
-            cands = Candidates.concat(found.get(i, []))
-            result.num_boxes_raw = len(cands)
-            kept = finalize(cands, self.cfg.nms_iou, self.cfg.max_boxes_per_phrase, self.cfg.min_box_side)
-            result.detections = _detections(kept, aliases[i])
-        return results
+        def ready() -> Iterator[GroundingResult]:
+            nonlocal next_out
+            while next_out < seq and states[next_out].remaining == 0:
+                yield states.pop(next_out).result
+                next_out += 1
+
+        for inp in inputs:
+            state = self._admit(inp, seq)
+            states[seq] = state
+            if state.remaining:
+                queues.add(self._padded_shape(state.array), state.items)
+            seq += 1
+            for group in queues.full():
+                run(group)
+            while seq - next_out >= window and states[next_out].remaining:
+                head = states[next_out]
+                group = queues.pop(self._padded_shape(head.array))
+                if group:
+                    run(group)
+                elif pending is not None:
+                    self._finish(pending, states)
+                    pending = None
+            yield from ready()
+        for group in queues.drain():
+            run(group)
+        if pending is not None:
+            self._finish(pending, states)
+        yield from ready()
+
+    def _admit(self, inp: GroundingInput, seq: int) -> _Image:
+        """An input's state: its checked image and items, or its result at once when it has nothing to ground."""
+        result = GroundingResult()
+        image, error = self._checked_image(inp.image)
+        items, too_long, alias = self._items(inp, seq)
+        result.too_long_phrases = sorted(j for t in too_long for j in [t, *alias.get(t, [])])
+        if image is None:
+            result.error = error
+            items = []
+        return _Image(result, alias, image, items, len(items), [])
 
     def _checked_image(self, image: Any) -> tuple[np.ndarray | None, str]:
         """The image as the detector needs it, or None and the reason it cannot be used."""
@@ -254,25 +330,18 @@ class GroundingDinoDetector:
                 too_long += self._encode(build_prompt(texts[part], prompt.phrase_ids[part]), image_index, items)
             return too_long
         index = token_phrase_index(enc["offset_mapping"], prompt.spans)
-        items.append(_Item(image_index, prompt, list(enc["input_ids"]), index))
+        items.append(_Item(image_index, prompt, list(enc["input_ids"]), index, len(items)))
         return []
 
-    def _ground_chunks(self, images: list[np.ndarray | None], chunks: list[list[_Item]]):
-        """Yield (chunk, candidates) per forward group, one group behind: group k+1 is queued on the device before
-        the results of group k are copied back and post-processed, so the device does not wait on the CPU."""
-        pending = None
-        for chunk in chunks:
-            launched = self._launch_safely(images, chunk)
-            if pending is not None:
-                yield from self._finish(pending)
-            pending = launched
-        if pending is not None:
-            yield from self._finish(pending)
-
-    def _launch_safely(self, images, chunk: list[_Item]) -> list[tuple[list[_Item], torch.Tensor, torch.Tensor]]:
+    def _launch_safely(self, chunk: list[_Item], states: dict[int, _Image]) -> list:
         """Queue one group; on CUDA out-of-memory, halve it and retry (one item that does not fit re-raises)."""
         try:
-            scores, boxes = self._launch([images[it.image] for it in chunk], chunk)
+            scores, boxes = self._launch([states[it.image].array for it in chunk], chunk)
+            if self.cfg.device_postprocess:
+                sel = queue_selection(
+                    scores, boxes, self.cfg.box_threshold, self.cfg.min_box_side, self.cfg.nms_iou, DEFAULT_CAP
+                )
+                return [(chunk, sel, None)]
             return [(chunk, scores, boxes)]
         except torch.cuda.OutOfMemoryError:
             if len(chunk) == 1:
@@ -280,33 +349,86 @@ class GroundingDinoDetector:
             torch.cuda.empty_cache()
             half = len(chunk) // 2
             log.warning("out of memory on a forward pass of %d items: retrying in halves", len(chunk))
-            return self._launch_safely(images, chunk[:half]) + self._launch_safely(images, chunk[half:])
+            return self._launch_safely(chunk[:half], states) + self._launch_safely(chunk[half:], states)
 
-    def _finish(self, launched):
-        for chunk, scores, boxes in launched:
-            yield chunk, self._candidates(chunk, scores.cpu(), boxes.cpu())
+    def _finish(self, launched: list, states: dict[int, _Image]) -> None:
+        """Take a group's results from the device and finalise every image whose last item this was."""
+        for chunk, first, second in launched:
+            t0 = time.perf_counter()
+            if second is None:
+                parts = first.fetch()
+                t1 = time.perf_counter()
+            else:
+                scores, boxes = first.cpu(), second.cpu()
+                t1 = time.perf_counter()
+                parts = self._candidates(chunk, scores, boxes)
+            self.timings["device_wait_s"] += t1 - t0
+            self.timings["select_s"] += time.perf_counter() - t1
+            t0 = time.perf_counter()
+            for it, part in zip(chunk, parts):
+                state = states[it.image]
+                state.parts.append((it.ordinal, it, part))
+                state.remaining -= 1
+                if state.remaining == 0:
+                    self._finalize(state)
+            self.timings["nms_s"] += time.perf_counter() - t0
+
+    def _finalize(self, state: _Image) -> None:
+        """Clip, NMS, cap: on the device's sorted candidates for one-prompt images, else the host functions."""
+        state.parts.sort(key=lambda p: p[0])
+        if len(state.parts) == 1 and isinstance(state.parts[0][2], ItemCandidates):
+            _, it, part = state.parts[0]
+            state.result.num_boxes_raw = part.num_raw
+            boxes, phrases, scores = finish_sorted(part, it.prompt.phrase_ids, self.cfg.max_boxes_per_phrase)
+            kept = Candidates(boxes, phrases, scores)
+        else:
+            cands = Candidates.concat([_host_candidates(it, part) for _, it, part in state.parts])
+            state.result.num_boxes_raw = sum(
+                part.num_raw if isinstance(part, ItemCandidates) else len(part) for _, _, part in state.parts
+            )
+            kept = finalize(cands, self.cfg.nms_iou, self.cfg.max_boxes_per_phrase, self.cfg.min_box_side)
+        state.result.detections = _detections(kept, state.alias)
+        state.array, state.parts, state.items = None, [], []
 
     def _launch(self, images: list[np.ndarray], items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor]:
         """Queue the forward pass of one group of equal padded shape: phrase scores (B, Q, P) and boxes (B, Q, 4),
         still on the device."""
+        t0 = time.perf_counter()
         pixel_values, pixel_mask = self._pixels(images)
         input_ids, attention_mask, token_phrase = self._text(items)
+        self.timings["host_inputs_s"] += time.perf_counter() - t0
         self.counters["forward_passes"] += 1
         self.counters["items"] += len(items)
         self.counters["pixels"] += sum(image.shape[0] * image.shape[1] for image in images)
         self.counters["padded_pixels"] += pixel_mask.numel()
         num_phrases = max(len(it.prompt.phrase_ids) for it in items)
+        inputs = dict(
+            pixel_values=pixel_values.to(self.model.dtype),
+            pixel_mask=pixel_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        )
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            out = self.model(
-                pixel_values=pixel_values.to(self.model.dtype),
-                pixel_mask=pixel_mask,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=torch.zeros_like(input_ids),
-            )
+            out = self._forward((*pixel_mask.shape, input_ids.shape[1]), inputs)
             length = input_ids.shape[1]
             scores = phrase_scores(out.logits[:, :, :length].float(), token_phrase, num_phrases, self.cfg.phrase_score)
         return scores, out.pred_boxes.float()
+
+    def _forward(self, key: tuple, inputs: dict[str, torch.Tensor]) -> Any:
+        """The model's forward, compiled where set up; a compiler failure is noted and the detector goes eager."""
+        if self.compiled is None:
+            return self.model(**inputs)
+        try:
+            return self.compiled(key, **inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager model computes the same thing
+            note = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); running eager"
+            log.warning(note)
+            self.notes.append(note)
+            self.compiled = None
+            return self.model(**inputs)
 
     def _pixels(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised, zero-padded (B, 3, H, W) pixels and (B, H, W) mask, built on the device from uint8."""
@@ -332,18 +454,24 @@ class GroundingDinoDetector:
         return padded_shape(image.shape[0], image.shape[1], self.pad_multiple, self.min_canvas)
 
     def _text(self, items: list[_Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids, attention mask and token-to-phrase map, assembled in pinned memory and copied without
+        waiting (a blocking copy would make the host wait for the previous group's forward pass)."""
         longest = max(len(it.input_ids) for it in items)
         length = min(self.max_text_tokens, math.ceil(longest / TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE)
+        if self.compiled is not None:
+            length = text_bucket(longest, self.max_text_tokens)
         pad_id = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(items), length), dtype=torch.long)
-        token_phrase = torch.full((len(items), length), -1, dtype=torch.long)
+        cuda = self.device.type == "cuda"
+        host = torch.empty((3, len(items), length), dtype=torch.long, pin_memory=cuda)
+        view = host.numpy()
+        view[0], view[1], view[2] = pad_id, 0, -1  # ids, attention, token_phrase
         for k, it in enumerate(items):
             n = len(it.input_ids)
-            ids[k, :n] = torch.tensor(it.input_ids)
-            attention[k, :n] = 1
-            token_phrase[k, :n] = torch.from_numpy(it.token_phrase)
-        return ids.to(self.device), attention.to(self.device), token_phrase.to(self.device)
+            view[0, k, :n] = it.input_ids
+            view[1, k, :n] = 1
+            view[2, k, :n] = it.token_phrase
+        ids, attention, token_phrase = host.to(self.device, non_blocking=cuda).unbind(0)
+        return ids, attention, token_phrase
 
     def _candidates(self, items: list[_Item], scores: torch.Tensor, boxes: torch.Tensor) -> list[Candidates]:
         out = []
@@ -355,6 +483,15 @@ class GroundingDinoDetector:
                 )
             )
         return out
+
+
+def _host_candidates(item: _Item, part: Candidates | ItemCandidates) -> Candidates:
+    """An item's candidates as :func:`scoring.select_candidates` gives them: query order, global phrase ids."""
+    if isinstance(part, Candidates):
+        return part
+    order = np.argsort(part.queries, kind="stable")
+    phrase_ids = np.asarray(item.prompt.phrase_ids, dtype=np.int64)
+    return Candidates(part.boxes[order], phrase_ids[part.phrases[order]], part.scores[order])
 
 
 def _detections(kept: Candidates, alias: dict[int, list[int]]) -> list[Detection]:

@@ -322,3 +322,45 @@ def test_release_without_the_fix_keeps_fp32_weights_under_autocast(tiny_groundin
     assert seen and seen[0][1] is torch.bfloat16
     assert det.half_weights is False and det.amp_dtype is torch.bfloat16
     assert {p.dtype for p in det.model.parameters()} == {torch.float32}
+
+
+def _mixed_inputs(cfg):
+    cases = [
+        ((300, 400), ["a man", "a red hat", "the dog"]),
+        ((224, 224), [f"thing number {i}" for i in range(9)]),  # two prompts at the 32-token limit
+        ((400, 300), ["a cat"]),
+        ((300, 401), ["the man", "a man"]),
+        ((301, 400), ["sky", "two people on a beach"]),
+        ((224, 224), ["a ball"]),
+    ]
+    return [GroundingInput(prepare_image(noise_image(20 + k, *s), cfg), p) for k, (s, p) in enumerate(cases)]
+
+
+def _same(a, b, atol=1e-4):
+    assert a.num_boxes_raw == b.num_boxes_raw and a.too_long_phrases == b.too_long_phrases
+    assert [d.phrase for d in a.detections] == [d.phrase for d in b.detections]
+    for x, y in zip(a.detections, b.detections):
+        assert x.score == pytest.approx(y.score, abs=atol)
+        np.testing.assert_allclose(x.box, y.box, atol=atol)
+
+
+def test_stream_with_a_small_window_gives_each_image_its_own_results(tiny_grounding_dino_path):
+    det = make_detector(small_cfg(tiny_grounding_dino_path, box_threshold=0.8, batch_size=2))
+    det.setup()
+    inputs = _mixed_inputs(det.cfg) + [GroundingInput(None, ["a dog"])]
+    streamed = list(det.stream(iter(inputs), window=2))
+    assert len(streamed) == len(inputs) and streamed[-1].error == "no_image"
+    for inp, got in zip(inputs[:-1], streamed):
+        (alone,) = det([inp])
+        _same(got, alone)
+    assert sum(len(r.detections) for r in streamed) > 0
+
+
+def test_device_postprocessing_equals_the_host_functions_on_the_model(tiny_grounding_dino_path):
+    fast = make_detector(small_cfg(tiny_grounding_dino_path, box_threshold=0.75))
+    host = make_detector(small_cfg(tiny_grounding_dino_path, box_threshold=0.75, device_postprocess=False))
+    inputs = _mixed_inputs(fast.cfg)
+    got, want = fast(inputs), host(inputs)
+    for a, b in zip(got, want):
+        _same(a, b, atol=0.0)
+    assert sum(len(r.detections) for r in got) > 0
