@@ -142,6 +142,16 @@ class OutputConfig:
     id_type: str = "auto"
     # Seconds between progress lines (0 = only the final summary).
     progress_interval_s: float = 10.0
+    # The output's lease (docs/cluster.md): another build may take it over after this many seconds without a
+    # heartbeat from its holder. Hosts sharing an output must agree on the time to well within this.
+    lock_ttl_s: float = 60.0
+    # The workers' writing: fragment tasks (at most ``actors`` at once, ``batch_size`` rows per fragment batch,
+    # ``num_cpus`` each) and shard assembly tasks (``num_cpus`` each).
+    resources: StageResources = field(default_factory=lambda: StageResources(actors=2, num_cpus=0.25, batch_size=256))
+    # Ray custom resources every writing task asks for, e.g. {"writer_node": 0.01} to write from chosen nodes only.
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    # Seconds a stopped build (SIGTERM, SIGINT) waits for shards being assembled before abandoning them.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass
