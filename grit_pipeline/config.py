@@ -147,7 +147,7 @@ class OutputConfig:
     lock_ttl_s: float = 60.0
     # The workers' writing: fragment tasks (at most ``actors`` at once, ``batch_size`` rows per fragment batch,
     # ``num_cpus`` each) and shard assembly tasks (``num_cpus`` each).
-    resources: StageResources = field(default_factory=lambda: StageResources(actors=2, num_cpus=0.25, batch_size=256))
+    resources: StageResources = field(default_factory=lambda: StageResources(actors=2, num_cpus=0.25, batch_size=64))
     # Ray custom resources every writing task asks for, e.g. {"writer_node": 0.01} to write from chosen nodes only.
     ray_resources: dict[str, float] = field(default_factory=dict)
     # Seconds a stopped build (SIGTERM, SIGINT) waits for shards being assembled before abandoning them.

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -344,22 +345,44 @@ class BuildInterrupted(BaseException):
         self.signum = signum
 
 
+_STOP: dict[str, int] = {}  # the first stop signal received during the build: {"signum": N}
+
+
+def _on_signal(signum, frame):
+    # Raising here could land inside a Ray call and be mangled into a SystemError: the first signal only asks the
+    # build to stop (checked after every batch and every second while shards are assembled); a second one insists.
+    if _STOP:
+        raise BuildInterrupted(signum)
+    _STOP["signum"] = signum
+
+
+def _check_stop() -> None:
+    if _STOP:
+        raise BuildInterrupted(_STOP["signum"])
+
+
+def _catch_signals() -> None:
+    """SIGTERM and SIGINT raise :class:`BuildInterrupted` in the main thread. Called again once Ray is up, as
+    ``ray.init`` installs handlers of its own in the driver."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+
+
 @contextlib.contextmanager
 def _signals_interrupt():
-    """SIGTERM and SIGINT raise :class:`BuildInterrupted` in the main thread while the build runs."""
+    """While the build runs, SIGTERM and SIGINT stop it cleanly; the previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise BuildInterrupted(signum)
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _STOP.clear()
+    _catch_signals()
     try:
         yield
-    finally:
+    finally:  # _STOP stays set: the build's error handling still needs to know a signal stopped it
         for sig, previous in old.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def attach_writer(ds, store: OutputStore, run: str, cfg: GritConfig, skip_blocks: frozenset):
@@ -462,6 +485,8 @@ def run_build(
     t_start = time.monotonic()
     owns_ray = False
     st = _Run()
+    # Ray Data's note that a small input cannot use every fragment task: true, and not the user's concern.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     try:
         with _signals_interrupt():
             try:
@@ -489,12 +514,14 @@ def run_build(
                 except Exception as exc:  # noqa: BLE001 - Ray's own errors: connection refused, bad address, ...
                     raise BuildRefused(f"cannot start or join Ray: {type(exc).__name__}: {exc}") from exc
                 configure_ray_data()
+                _catch_signals()
                 _say(stream, "loading the spaCy pipeline and the detector (preflight)")
                 info = preflight(cfg, detector_factory)
                 settings = result_settings(cfg, info["detector"], info["spacy_model"])
                 changed = check_results(old, settings, cfg.output.overwrite_config, store.url)
                 num_gpus = grounding_gpus(cfg)
                 check_capacity(cfg, num_gpus)
+                _check_stop()
             except (BuildRefused, ManifestMismatch, InputError, OutputLocked) as exc:
                 _undo_start(st)
                 print(f"error: {exc}", file=stream, flush=True)
@@ -579,11 +606,13 @@ def run_build(
                         collect(0.0)
                         progress.rows_seen(tracker.samples_seen - before, len(tracker.open))
                         lease.check()
+                        _check_stop()
                     launch()
                     while assembler.in_flight:
                         collect(1.0)
                         launch()
                         lease.check()
+                        _check_stop()
                 finally:
                     progress.stop()
             all_stats = st.complete_stats + written
@@ -626,6 +655,11 @@ def run_build(
         message = f"writing to {where} failed: {exc.strerror or exc}; fix the cause and run the same command again"
         return _failed(st, message, t_start, stream)
     except Exception as exc:  # noqa: BLE001 - any failure of the Ray job: report it, keep complete shards
+        if _STOP:  # a signal that surfaced inside a Ray call
+            name = signal.Signals(_STOP["signum"]).name
+            message = f"stopped by {name}; complete shards are kept: run the same command again to resume"
+            code = EXIT_INTERRUPTED.get(_STOP["signum"], EXIT_FAILED)
+            return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
         text = str(exc).strip().splitlines()
         message = f"the build failed: {type(exc).__name__}: {text[-1] if text else ''}"
         logger.debug("build failed", exc_info=True)

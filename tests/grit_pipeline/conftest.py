@@ -62,6 +62,7 @@ def build_overrides(tiny_detector, spacy_model_name) -> list[str]:
         "image.resources.batch_size=4",
         "input.resources.batch_size=2",
         "output.samples_per_shard=2",
+        "output.resources.batch_size=2",  # a fragment per two rows: shards complete one by one (tests interrupt)
         "output.progress_interval_s=0",
     ]
 
