@@ -63,8 +63,14 @@ class OutputStore:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
+    def _fresh(self, path: str) -> str:
+        # Other processes (workers, other builds) write here: never answer from this process's listing cache.
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.path(rel))
+        return self.fs.exists(self._fresh(self.path(rel)))
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names directly under ``rel`` (files and folders); empty when it does not exist."""
@@ -82,13 +88,13 @@ class OutputStore:
         return sorted(set(names))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self.fs.cat_file(self._fresh(self.path(rel)))
 
     def read_many(self, rels: list[str]) -> dict[str, bytes | None]:
         """Several small files at once (concurrent requests on object stores); ``None`` for any that failed."""
         if not rels:
             return {}
-        paths = [self.path(r) for r in rels]
+        paths = [self._fresh(self.path(r)) for r in rels]
         got = self.fs.cat(paths, on_error="return")
         out: dict[str, bytes | None] = {}
         for rel, path in zip(rels, paths):

@@ -79,6 +79,7 @@ def download(fs, url: str, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    fs.invalidate_cache()
     for path in fs.find(url):
         rel = path[len(url.removeprefix("s3://")) :].lstrip("/")
         target = dest / rel
