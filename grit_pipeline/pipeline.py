@@ -1,17 +1,19 @@
-"""The ``grit build`` job: input files -> Ray Data stages -> our shard writer on the driver.
+"""The ``grit build`` job: input -> Ray Data stages -> shards written by the workers; the driver plans and watches.
 
 ::
 
     from_items(input files) -> read (tasks) -> text (actors, spaCy) -> image (actors: checks, decode, preprocess)
-        -> grounding (actors, GPU where there is one) -> iter_batches on the driver -> ShardWriter
+        -> grounding (actors, GPU where there is one) -> fragments (tasks, writer.write_fragments)
+    driver: iter_batches of fragment metadata -> ShardTracker -> assemble_shard tasks (tar, parquet, _stats.json)
 
 Ray: ``ray.address`` or ``RAY_ADDRESS`` joins a cluster (``ray job submit`` sets it); otherwise an embedded local
 Ray is started, sized to hold every stage's actors (dashboard off) and shut down at the end. If Ray is already
 initialised in this process (tests, notebooks), that session is used and left running.
 
 Before any input is read, one Ray task loads the spaCy pipeline and builds the detector, so a missing model stops
-the build at once with the loader's message. The writer lives on the driver: only the driver writes to the output
-folder, which therefore needs to be on the driver's filesystem (see docs/cluster.md).
+the build at once with the loader's message. The output is any fsspec location (``output_store.OutputStore``); the
+workers write to it directly, the driver only writes the manifest and holds the output's lease
+(``output_lock.OutputLease``). A build that does not start leaves the output as it found it.
 """
 
 from __future__ import annotations
