@@ -691,6 +691,8 @@ def _undo_start(st: _Run) -> None:
 
 def _finish(st: _Run) -> None:
     """Remove this run's temporary folder (its fragments) and the build's temporary root when empty."""
+    if st.lease is not None:
+        st.lease.release()  # first: its heartbeat writes through the temporary root removed below
     if st.store is None or not st.run_id:
         return
     with contextlib.suppress(OSError):
