@@ -93,8 +93,8 @@ class BuildOutcome:
 def stage_cpus(cfg: GritConfig) -> float:
     """Logical CPUs the actor pools reserve for the whole run, plus one read task and the writing tasks."""
     pools = (cfg.text.resources, cfg.image.resources, cfg.detector.resources)
-    # The writing tasks (fragments, and one shard assembly at a time) must find CPUs the actor pools do not hold.
-    writer = (cfg.output.resources.actors + 1) * cfg.output.resources.num_cpus
+    # At least one writing task (fragments or a shard's assembly) must find CPUs the actor pools do not hold.
+    writer = cfg.output.resources.num_cpus
     return sum(r.actors * r.num_cpus for r in pools) + cfg.input.resources.num_cpus + writer
 
 
