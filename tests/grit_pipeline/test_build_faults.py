@@ -108,7 +108,8 @@ def _namespace_tmpfs_available() -> bool:
 def test_disk_full_leaves_no_shard_marked_complete_and_a_rerun_completes(
     ray_session, reference_input, reference_build, build_overrides, tmp_path
 ):
-    """The output is a 96 KiB tmpfs in a private mount namespace: it fills up part-way through the build."""
+    """The output is a 96 KiB tmpfs in a private mount namespace: it fills up part-way through the build. The workers
+    write the shards, so the build starts its own local Ray inside that namespace (no RAY_ADDRESS)."""
     mount = tmp_path / "small"
     mount.mkdir()
     copy = tmp_path / "copy"
@@ -121,9 +122,10 @@ def test_disk_full_leaves_no_shard_marked_complete_and_a_rerun_completes(
             'rc=$?; cp -a "$1"/. "$2"/; exit $rc',
         ]
     )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", cmd, "sh", str(mount), str(copy)],
-        env=subprocess_env(ray_session),
+        env=env,
         cwd=REPO,
         capture_output=True,
         text=True,
