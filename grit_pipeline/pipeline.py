@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -664,8 +665,7 @@ def run_build(
             message = f"stopped by {name}; complete shards are kept: run the same command again to resume"
             code = EXIT_INTERRUPTED.get(_STOP["signum"], EXIT_FAILED)
             return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
-        text = str(exc).strip().splitlines()
-        message = f"the build failed: {type(exc).__name__}: {text[-1] if text else ''}"
+        message = f"the build failed: {_root_cause(exc)}"
         logger.debug("build failed", exc_info=True)
         return _failed(st, message + "; run the same command again to resume", t_start, stream)
     finally:
@@ -675,6 +675,28 @@ def run_build(
             import ray
 
             ray.shutdown()
+
+
+_ERROR_LINE = re.compile(r"\b(?!RayTaskError|UserCodeException)(\w+(?:Error|Exception)): (.+)")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error behind a failure of the Ray job (a worker's ``OSError: ... No space left on device``),
+    rather than Ray's own summary line."""
+    seen, chain = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    for err in reversed(chain):
+        if not type(err).__module__.startswith("ray"):
+            text = str(err).strip().splitlines()
+            return f"{type(err).__name__}: {text[-1] if text else ''}"
+    found = [m for line in str(chain[0]).splitlines() if (m := _ERROR_LINE.search(line))]
+    if found:
+        return f"{found[-1].group(1)}: {found[-1].group(2)}"
+    text = str(chain[0]).strip().splitlines()
+    return f"{type(chain[0]).__name__}: {text[-1] if text else ''}"
 
 
 def _undo_start(st: _Run) -> None:

@@ -108,7 +108,7 @@ def _namespace_tmpfs_available() -> bool:
 def test_disk_full_leaves_no_shard_marked_complete_and_a_rerun_completes(
     ray_session, reference_input, reference_build, build_overrides, tmp_path
 ):
-    """The output is a 96 KiB tmpfs in a private mount namespace: it fills up part-way through the build. The workers
+    """The output is a 256 KiB tmpfs in a private mount namespace: it fills up part-way through the build. The workers
     write the shards, so the build starts its own local Ray inside that namespace (no RAY_ADDRESS)."""
     mount = tmp_path / "small"
     mount.mkdir()
@@ -117,7 +117,7 @@ def test_disk_full_leaves_no_shard_marked_complete_and_a_rerun_completes(
     args = build_args(reference_input, mount, build_overrides)
     cmd = " ".join(
         [
-            'mount -t tmpfs -o size=96k tmpfs "$1" || exit 90;',
+            'mount -t tmpfs -o size=256k tmpfs "$1" || exit 90;',
             f"{sys.executable} -m grit_pipeline build {' '.join(_quote(a) for a in args)};",
             'rc=$?; cp -a "$1"/. "$2"/; exit $rc',
         ]
