@@ -106,8 +106,9 @@ class OutputStore:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def write_bytes(self, rel: str, data: bytes, tmp_rel: str = TMP_ROOT) -> None:
-        """``data`` under ``rel``, whole or not at all (temporary name under ``tmp_rel`` + rename, locally)."""
+    def write_bytes(self, rel: str, data: bytes, tmp_rel: str = TMP_ROOT, durable: bool = True) -> None:
+        """``data`` under ``rel``, whole or not at all (temporary name under ``tmp_rel`` + rename, locally).
+        ``durable=False`` skips the fsyncs (temporary files that a crash makes useless anyway)."""
         if self.local:
             tmp_dir = self.path(tmp_rel)
             os.makedirs(tmp_dir, exist_ok=True)
@@ -117,14 +118,16 @@ class OutputStore:
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, final)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            fsync_dir(posixpath.dirname(final))
+            if durable:
+                fsync_dir(posixpath.dirname(final))
         else:
             self.fs.pipe_file(self.path(rel), data)
 
