@@ -19,6 +19,7 @@ BENCHMARKS = {
     "text_stage": ("benchmarks.text_stage", ("cpu",)),
     "grounding": ("benchmarks.grounding", ("cpu", "cuda")),
     "pipeline": ("benchmarks.pipeline", ("cpu",)),
+    "driver": ("benchmarks.driver", ("cpu",)),
     "stats": ("benchmarks.stats_report", ("cpu",)),
     "kosmos_step": ("benchmarks.kosmos_step", ("cpu", "cuda")),
     "loader": ("benchmarks.loader", ("cpu", "cuda")),

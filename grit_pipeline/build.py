@@ -1,8 +1,10 @@
 """``grit build``: build (or continue) a GRIT corpus from image-caption pairs. See docs/pipeline.md.
 
 Exit status: 0 when every input sample is in a complete shard (kept or counted as dropped); 1 when the build
-started and did not finish (re-run the same command to resume); 2 when it could not start (bad config or input,
-settings that differ from the output's manifest, a model that cannot be loaded).
+started and did not finish (re-run the same command to resume); 130 / 143 when SIGINT / SIGTERM stopped it (the
+manifest says incomplete; re-run to resume); 2 when it could not start (bad config or input, settings that differ
+from the output's manifest, a model that cannot be loaded, an output that is not a grit output or that another
+build holds).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input file, folder or glob (repeatable; replaces input.paths): WebDataset tars, parquet, JSONL, "
         "or a folder of images with same-named .txt captions; local or fsspec URLs",
     )
-    parser.add_argument("--output", help="output folder (output.path)")
+    parser.add_argument("--output", help="output folder or fsspec URL, e.g. s3://bucket/prefix (output.path)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (a.b=value)"
     )

@@ -171,6 +171,10 @@ class InputConfig:
     references: ReferencesConfig = field(default_factory=ReferencesConfig)
 
 
+# Defaults of the workers' writing (fragments and shard assembly), the sink after the last stage.
+WRITE_RESOURCES = StageResources(actors=2, num_cpus=0.25, num_gpus=0, batch_size=64)
+
+
 @dataclass
 class OutputConfig:
     path: str = "out/grit"
@@ -186,6 +190,20 @@ class OutputConfig:
     # WebDataset readers expect (JPEG bytes as they came, other formats re-encoded to JPEG, counted); "original",
     # each input's own bytes and format (jpg, png or webp).
     image_format: Literal["jpg", "original"] = "jpg"
+    # The output's lease (docs/cluster.md): another build may take it over after this many seconds without a
+    # heartbeat from its holder. Hosts sharing an output must agree on the time to well within this.
+    lock_ttl_s: float = 60.0
+    # The workers' writing: fragment tasks (at most ``actors`` at once, ``batch_size`` rows per fragment batch,
+    # ``num_cpus`` each) and shard assembly tasks (``num_cpus`` each). Fields left unset keep WRITE_RESOURCES.
+    resources: StageResources = field(default_factory=StageResources)
+    # Ray custom resources every writing task asks for, e.g. {"writer_node": 0.01} to write from chosen nodes only.
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    # Seconds a stopped build (SIGTERM, SIGINT) waits for shards being assembled before abandoning them.
+    drain_timeout_s: float = 30.0
+
+    def write_resources(self) -> StageResources:
+        """The writing tasks' resources: what is set in ``resources``, the rest from ``WRITE_RESOURCES``."""
+        return self.resources.over(WRITE_RESOURCES)
 
 
 @dataclass

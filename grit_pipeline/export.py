@@ -21,7 +21,7 @@ def export_schema(id_type):
     """GRIT-20M's columns and types; ``id`` keeps the corpus's own type (int64 unless its ids are strings)."""
     import pyarrow as pa
 
-    from grit_pipeline.record import ENTRY_TYPE, RECORD_FIELDS
+    from grit_core.record import ENTRY_TYPE, RECORD_FIELDS
 
     types = {
         "key": pa.string(),
@@ -107,7 +107,7 @@ def export_kept(output_dir: str | Path, dest: str | Path, rows_per_file: int = 1
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from grit_pipeline.record import RECORD_FIELDS, STATUS_KEPT
+    from grit_core.record import RECORD_FIELDS, STATUS_KEPT
     from grit_pipeline.stats.corpus import CorpusError, open_corpus
 
     try:

@@ -17,13 +17,13 @@ import datetime as _dt
 import hashlib
 import json
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from grit_pipeline import __version__
 from grit_pipeline.config import GritConfig, config_to_dict
+from grit_pipeline.output_store import OutputStore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards named <file>-<block>, written by the workers
 MANIFEST = "manifest.json"
 CONFIG_COPY = "config.yaml"
 
@@ -112,15 +112,25 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST
-    if not path.exists():
-        return None
+def read_manifest(store: OutputStore) -> dict[str, Any] | None:
+    """The output's manifest, or None where there is none. A file that is not a grit manifest is refused."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = store.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        return None
+    where = store.url_of(MANIFEST)
+    try:
+        data = json.loads(raw)
     except ValueError as exc:
-        raise ManifestMismatch(f"{path} is not valid JSON ({exc}); move it away or use a new output folder") from None
-    return data if isinstance(data, dict) else None
+        raise ManifestMismatch(f"{where} is not valid JSON ({exc}); move it away or use a new output folder") from None
+    if not isinstance(data, dict) or "layout" not in data or "format_version" not in data:
+        raise ManifestMismatch(f"{where} is not a grit build manifest; use a new output folder")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ManifestMismatch(
+            f"{where} is from format version {data.get('format_version')} (this grit writes {FORMAT_VERSION}); "
+            "its shards cannot be continued: use a new output folder"
+        )
+    return data
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -131,7 +141,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_layout(old: dict[str, Any] | None, new_layout: dict[str, Any], out_dir: Path) -> None:
+def check_layout(old: dict[str, Any] | None, new_layout: dict[str, Any], out_dir: str) -> None:
     """Refuse (always) to continue an output whose shard layout differs."""
     if not old:
         return
@@ -143,7 +153,7 @@ def check_layout(old: dict[str, Any] | None, new_layout: dict[str, Any], out_dir
         )
 
 
-def check_results(old: dict[str, Any] | None, new_settings: dict[str, Any], overwrite: bool, out_dir: Path) -> list:
+def check_results(old: dict[str, Any] | None, new_settings: dict[str, Any], overwrite: bool, out_dir: str) -> list:
     """Differences in result settings; raises unless ``overwrite``. Returns the differences (for the warning)."""
     if not old:
         return []
@@ -191,13 +201,12 @@ def new_manifest(
         "detector": detector,
         "inputs": list(inputs),
         "id_type": (old or {}).get("id_type"),
+        "file_samples": dict((old or {}).get("file_samples") or {}),  # input file index -> samples, once known
         "warnings": warnings,
     }
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    from grit_pipeline.writer import TMP_DIR, atomic_write_bytes
-
+def write_manifest(store: OutputStore, manifest: dict[str, Any]) -> None:
     manifest["updated_at"] = _now()
     data = (json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
-    atomic_write_bytes(out_dir / MANIFEST, data, out_dir / TMP_DIR)
+    store.write_bytes(MANIFEST, data)

@@ -1,17 +1,19 @@
-"""The ``grit build`` job: input files -> Ray Data stages -> our shard writer on the driver.
+"""The ``grit build`` job: input -> Ray Data stages -> shards written by the workers; the driver plans and watches.
 
 ::
 
     from_items(input files) -> read (tasks) -> text (actors, spaCy) -> image (actors: checks, decode, preprocess)
-        -> grounding (actors, GPU where there is one) -> iter_batches on the driver -> ShardWriter
+        -> grounding (actors, GPU where there is one) -> fragments (tasks, writer.write_fragments)
+    driver: iter_batches of fragment metadata -> ShardTracker -> assemble_shard tasks (tar, parquet, _stats.json)
 
 Ray: ``ray.address`` or ``RAY_ADDRESS`` joins a cluster (``ray job submit`` sets it); otherwise an embedded local
 Ray is started, sized to hold every stage's actors (dashboard off) and shut down at the end. If Ray is already
 initialised in this process (tests, notebooks), that session is used and left running.
 
 Before any input is read, one Ray task loads the spaCy pipeline and builds the detector, so a missing model stops
-the build at once with the loader's message. The writer lives on the driver: only the driver writes to the output
-folder, which therefore needs to be on the driver's filesystem (see docs/cluster.md).
+the build at once with the loader's message. The output is any fsspec location (``output_store.OutputStore``); the
+workers write to it directly, the driver only writes the manifest and holds the output's lease
+(``output_lock.OutputLease``). A build that does not start leaves the output as it found it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import contextlib
 import logging
 import math
 import os
+import re
+import signal
 import socket
 import sys
+import threading
 import time
+import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
@@ -41,15 +47,28 @@ from grit_pipeline.manifest import (
     result_settings,
     write_manifest,
 )
+from grit_pipeline.output_lock import LOCK_NAME, LeaseLost, OutputLease, OutputLocked
+from grit_pipeline.output_store import TMP_ROOT, OutputStore
 from grit_pipeline.progress import Progress, merge_stats, summary_table
 from grit_pipeline.readers import InputError, InputFile, resolve_inputs
-from grit_pipeline.writer import STATS_SUFFIX, ShardWriteError, ShardWriter, clean_output, scan_output
+from grit_pipeline.shard_tracker import ReadyShard, ShardTracker
+from grit_pipeline.writer import (
+    ShardWriteError,
+    assemble_shard,
+    run_dir,
+    scan_complete,
+    shard_name,
+    stale_runs,
+    write_fragments,
+)
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # started and did not finish: re-run the same command to resume
-EXIT_REFUSED = 2  # did not start: bad config or input, settings mismatch, missing model
+EXIT_REFUSED = 2  # did not start: bad config or input, settings mismatch, missing model, output in use
+# Stopped by a signal (128 + the signal's number, as shells report it); the manifest says "incomplete".
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class BuildRefused(RuntimeError):
@@ -74,7 +93,7 @@ class BuildOutcome:
 
 
 def stage_cpus(cfg: GritConfig) -> float:
-    """Logical CPUs the plan reserves for the whole run: every actor pool, plus one read task."""
+    """Logical CPUs the plan reserves for the whole run: every actor pool, one read task and one writing task."""
     return sum(d.cpus for d in stage_demand(cfg))
 
 
@@ -114,6 +133,8 @@ def stage_demand(cfg: GritConfig, auto_gpus: float = 0.0) -> list[StageDemand]:
         workers = 1 if source else max(1, res.actors)  # reading needs one task at a time, not a pool
         gpus = auto_gpus if res.num_gpus < 0 else res.num_gpus
         out.append(StageDemand(stage.name, workers, res.num_cpus, gpus, "task" if source else "actor"))
+    # The sink: at least one writing task (fragments or a shard's assembly) must find CPUs the pools do not hold.
+    out.append(StageDemand("write", 1, cfg.output.write_resources().num_cpus, 0.0, "task"))
     return out
 
 
@@ -388,19 +409,191 @@ def validate_settings(cfg: GritConfig) -> None:
         raise BuildRefused("; ".join(problems))
 
 
-def _check_output_folder(out_dir: Path, has_manifest: bool) -> None:
-    if has_manifest or not out_dir.exists():
+OWN_NAMES = (LOCK_NAME, TMP_ROOT)  # what a build may leave in an output before its manifest exists
+
+
+def _check_output_folder(store: OutputStore, has_manifest: bool) -> None:
+    """Refuse a non-empty output that is not a grit output: its files are someone else's."""
+    if has_manifest:
         return
-    if any(out_dir.glob("*.tar")) or any(out_dir.glob(f"*{STATS_SUFFIX}")):
-        raise BuildRefused(f"{out_dir} holds shards but no manifest.json: not a grit output; use a new folder")
+    others = [name for name in store.listdir() if name not in OWN_NAMES]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise BuildRefused(
+            f"{store.url} is not empty ({shown}) and holds no grit manifest.json: not a grit output; "
+            "use a new or empty output"
+        )
 
 
-def _units(files: list[InputFile], next_file: int, next_block: int, n: int) -> list[dict[str, Any]]:
-    units = []
-    for inp in files[next_file:]:
-        skip = next_block * n if inp.index == next_file else 0
-        units.append({"index": inp.index, "path": inp.path, "format": inp.format, "skip": skip})
-    return units
+def _units(files: list[InputFile], tracker: ShardTracker) -> tuple[list[dict[str, Any]], frozenset]:
+    """Read units for the files not wholly complete: each skips its leading complete shards. Complete shards after
+    a gap are re-read (positions must be counted) but not rewritten: their ``(file, block)`` go to the writer."""
+    n = tracker.n
+    units, skip_blocks = [], set()
+    for inp in files:
+        if tracker.file_complete(inp.index):
+            continue
+        lead = 0
+        while (inp.index, lead) in tracker.complete:
+            lead += 1
+        units.append({"index": inp.index, "path": inp.path, "format": inp.format, "skip": lead * n})
+        skip_blocks.update((f, b) for f, b in tracker.complete if f == inp.index and b > lead)
+    return units, frozenset(skip_blocks)
+
+
+def _known_sizes(files: list[InputFile], known: dict[int, int]) -> dict[int, int]:
+    """Samples per input file where that is cheap to know: recorded earlier, or a parquet file's metadata."""
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    sizes = dict(known)
+    for inp in files:
+        if inp.index in sizes or inp.format != "parquet":
+            continue
+        try:
+            fs, path = url_to_fs(inp.path)
+            with fs.open(path, "rb") as f:
+                sizes[inp.index] = pq.ParquetFile(f).metadata.num_rows
+        except Exception:  # noqa: BLE001 - unreadable here: the reader reports it; the size stays unknown
+            continue
+    return sizes
+
+
+def _say(stream: TextIO, text: str) -> None:
+    print(f"grit build: {text}", file=stream, flush=True)
+
+
+class BuildInterrupted(BaseException):
+    """SIGTERM or SIGINT during a build (a BaseException, like KeyboardInterrupt, so no handler swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP: dict[str, int] = {}  # the first stop signal received during the build: {"signum": N}
+
+
+def _on_signal(signum, frame):
+    # Raising here could land inside a Ray call and be mangled into a SystemError: the first signal only asks the
+    # build to stop (checked after every batch and every second while shards are assembled); a second one insists.
+    if _STOP:
+        raise BuildInterrupted(signum)
+    _STOP["signum"] = signum
+
+
+def _check_stop() -> None:
+    if _STOP:
+        raise BuildInterrupted(_STOP["signum"])
+
+
+def _catch_signals() -> None:
+    """SIGTERM and SIGINT raise :class:`BuildInterrupted` in the main thread. Called again once Ray is up, as
+    ``ray.init`` installs handlers of its own in the driver."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """While the build runs, SIGTERM and SIGINT stop it cleanly; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _STOP.clear()
+    _catch_signals()
+    try:
+        yield
+    finally:  # _STOP stays set: the build's error handling still needs to know a signal stopped it
+        for sig, previous in old.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+def attach_writer(ds, store: OutputStore, run: str, cfg: GritConfig, skip_blocks: frozenset):
+    """Append the workers' fragment writing to the plan: rows in, one small metadata row per fragment out."""
+    import ray
+
+    res = cfg.output.write_resources()
+    extra = {"resources": dict(cfg.output.ray_resources)} if cfg.output.ray_resources else {}
+    return ds.map_batches(
+        write_fragments,
+        fn_kwargs={"store": store, "run": run, "samples_per_shard": cfg.output.samples_per_shard,
+                   "skip_blocks": skip_blocks},
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_cpus=res.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, res.actors)),
+        **extra,
+    )  # fmt: skip
+
+
+class _Assembler:
+    """Launches shard assembly tasks on the workers and collects their results (driver side)."""
+
+    def __init__(self, cfg: GritConfig, store: OutputStore, run: str, paths: list[str]):
+        import ray
+
+        opts: dict[str, Any] = {"num_cpus": cfg.output.write_resources().num_cpus, "max_retries": 3}
+        if cfg.output.ray_resources:
+            opts["resources"] = dict(cfg.output.ray_resources)
+        self.remote = ray.remote(**opts)(assemble_shard)
+        self.cfg, self.store, self.run, self.paths = cfg, store, run, paths
+        self.in_flight: dict[Any, tuple[int, int]] = {}
+
+    def launch(self, shard: ReadyShard, id_type: str) -> None:
+        ref = self.remote.remote(
+            self.store, self.run, shard.file_index, shard.block, self.cfg.output.samples_per_shard, shard.expected,
+            shard.fragments, self.paths[shard.file_index], id_type, shard.last_block, shard.file_total,
+        )  # fmt: skip
+        self.in_flight[ref] = (shard.file_index, shard.block)
+
+    def finished(self, timeout: float = 0.0) -> list[tuple[tuple[int, int], dict[str, Any]]]:
+        """Results of the tasks done within ``timeout`` seconds; a task's error is raised (ShardWriteError)."""
+        import ray
+
+        if not self.in_flight:
+            return []
+        done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout)
+        out = []
+        for ref in done:
+            key = self.in_flight.pop(ref)
+            try:
+                out.append((key, ray.get(ref)))
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                where = getattr(cause, "filename", None) or self.store.url
+                text = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1]
+                raise ShardWriteError(
+                    f"writing shard {shard_name(*key)} to {self.store.url} failed: {type(cause).__name__}: {text} "
+                    f"({where}). No shard was marked complete by the failed write. Fix the cause (space, "
+                    "permissions, credentials) and run the same command again to resume."
+                ) from None
+        return out
+
+    def cancel(self) -> None:
+        import ray
+
+        for ref in list(self.in_flight):
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=False)
+        self.in_flight.clear()
+
+
+@dataclass
+class _Run:
+    """What the clean-up of a build needs to know, whatever point it reached."""
+
+    store: OutputStore | None = None
+    lease: OutputLease | None = None
+    existed: bool = True
+    manifest: dict[str, Any] | None = None
+    run_id: str = ""
+    started: bool = False  # the manifest was written: from here on the output is this build's
+    tracker: ShardTracker | None = None
+    assembler: _Assembler | None = None
+    complete_stats: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_build(
@@ -416,110 +609,268 @@ def run_build(
     """
     stream = stream or sys.stderr
     t_start = time.monotonic()
-    out_dir = Path(cfg.output.path)
     owns_ray = False
-    writer = None
-    manifest: dict[str, Any] | None = None
+    st = _Run()
+    # Ray Data's note that a small input cannot use every fragment task: true, and not the user's concern.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     try:
-        validate_settings(cfg)
-        files = resolve_inputs(cfg.input.paths, cfg.input.format)
-        paths = [f.path for f in files]
-        old = read_manifest(out_dir)
-        _check_output_folder(out_dir, old is not None)
-        check_layout(old, layout(cfg, paths), out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        n = cfg.output.samples_per_shard
-        state = scan_output(out_dir, n)
-        removed = clean_output(out_dir, state)
-        if removed:
-            logger.info("removed leftovers of an interrupted run: %s", ", ".join(removed))
-
-        try:
-            owns_ray = start_ray(cfg)
-        except Exception as exc:  # noqa: BLE001 - Ray's own errors: connection refused, bad address, ...
-            raise BuildRefused(f"cannot start or join Ray: {type(exc).__name__}: {exc}") from exc
-        configure_ray_data()
-        info = preflight(cfg, detector_factory)
-        settings = result_settings(cfg, info["detector"], info["spacy_model"])
-        changed = check_results(old, settings, cfg.output.overwrite_config, out_dir)
-        manifest = new_manifest(cfg, paths, info["detector"], info["spacy_model"], old, changed)
-        random_weights = info["detector"]["random_weights"]
-        if random_weights:
-            print(f"WARNING: {manifest['warnings'][0]}", file=stream, flush=True)
-        write_manifest(out_dir, manifest)
-        dump_config(cfg, out_dir / CONFIG_COPY)
-
-        num_gpus = grounding_gpus(cfg)
-        check_capacity(cfg, num_gpus)
-        id_type = manifest["id_type"] or cfg.output.id_type
-        writer = ShardWriter(out_dir, n, paths, state, id_type=id_type)
-        units = _units(files, state.next_file, state.next_block, n)
-        resumed = merge_stats(state.shards)[0]
-        progress = Progress(cfg.output.progress_interval_s, len(state.shards), resumed.get("input", 0), stream)
-        print(
-            f"grit build: {len(files)} input file(s), {len(units)} to read, {len(state.shards)} shard(s) already "
-            f"complete; detector {info['detector']['model']} ({num_gpus:g} GPU per actor), "
-            f"spaCy {info['spacy_model']['pipeline']} {info['spacy_model']['version']} -> {out_dir}",
-            file=stream,
-            flush=True,
-        )
-        if units:
-            ds = build_dataset(cfg, units, detector_factory, num_gpus, info.get("env"))
-            progress.start()
+        with _signals_interrupt():
             try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                    rows = batch.to_pylist()
-                    for stats in writer.add_rows(rows):
-                        progress.shard_done(stats)
-                        manifest["id_type"] = writer.id_type
-                    progress.rows_seen(sum(1 for r in rows if r["kind"] == "sample"), len(writer.buffers))
-            finally:
-                progress.stop()
-        all_stats = state.shards + writer.written
-        counts, seconds = merge_stats(all_stats)
-        if not writer.complete:
-            missing = writer.pending()
-            raise ShardWriteError(
-                f"the pipeline ended with input not written (open blocks: {missing or 'none'}; next shard from "
-                f"input file {writer.cursor[0]}, block {writer.cursor[1]}); run the same command again to resume"
+                validate_settings(cfg)
+                files = resolve_inputs(cfg.input.paths, cfg.input.format)
+                paths = [f.path for f in files]
+                try:
+                    st.store = store = OutputStore(cfg.output.path)
+                except (ValueError, ImportError) as exc:
+                    raise BuildRefused(f"cannot open the output {cfg.output.path!r}: {exc}") from None
+                old = read_manifest(store)
+                _check_output_folder(store, old is not None)
+                check_layout(old, layout(cfg, paths), store.url)
+                st.existed = store.exists()
+                lease = OutputLease(store, cfg.output.lock_ttl_s)
+                lease.acquire()
+                st.lease = lease
+                if lease.took_over:
+                    holder = lease.took_over.get("holder")
+                    _say(stream, f"took over the lease of a build that is gone ({holder})")
+
+                _say(stream, "starting Ray" if not cfg.ray.address else f"joining Ray at {cfg.ray.address}")
+                try:
+                    owns_ray = start_ray(cfg)
+                except Exception as exc:  # noqa: BLE001 - Ray's own errors: connection refused, bad address, ...
+                    raise BuildRefused(f"cannot start or join Ray: {type(exc).__name__}: {exc}") from exc
+                configure_ray_data()
+                _catch_signals()
+                _say(stream, "loading the spaCy pipeline and the detector (preflight)")
+                info = preflight(cfg, detector_factory)
+                settings = result_settings(cfg, info["detector"], info["spacy_model"])
+                changed = check_results(old, settings, cfg.output.overwrite_config, store.url)
+                num_gpus = grounding_gpus(cfg)
+                check_capacity(cfg, num_gpus)
+                _check_stop()
+            except (BuildRefused, ManifestMismatch, InputError, OutputLocked) as exc:
+                _undo_start(st)
+                print(f"error: {exc}", file=stream, flush=True)
+                return BuildOutcome(EXIT_REFUSED, "refused", str(exc), wall_s=time.monotonic() - t_start)
+
+            manifest = new_manifest(cfg, paths, info["detector"], info["spacy_model"], old, changed)
+            st.manifest = manifest
+            random_weights = info["detector"]["random_weights"]
+            if random_weights:
+                print(f"WARNING: {manifest['warnings'][0]}", file=stream, flush=True)
+            write_manifest(store, manifest)
+            st.started = True
+            store.write_bytes(CONFIG_COPY, dump_config(cfg).encode("utf-8"))
+            for stale in stale_runs(store):
+                store.delete_tree(stale)  # fragments of an earlier build of this output (we hold the lease)
+
+            n = cfg.output.samples_per_shard
+            _say(stream, f"scanning {store.url} for complete shards")
+            complete = scan_complete(store, n)
+            st.complete_stats = [complete[k] for k in sorted(complete)]
+            totals = {int(k): int(v) for k, v in (manifest.get("file_samples") or {}).items()}
+            for (f, _), stats in complete.items():
+                if stats["input"].get("last_block") and isinstance(stats["input"].get("file_samples"), int):
+                    totals[f] = stats["input"]["file_samples"]
+            id_type = manifest["id_type"] or (cfg.output.id_type if cfg.output.id_type != "auto" else None)
+            st.tracker = tracker = ShardTracker(n, len(files), set(complete), totals, id_type)
+            if tracker.decide_id_type(complete) and manifest["id_type"] != tracker.id_type:
+                manifest["id_type"] = tracker.id_type
+            st.run_id = uuid.uuid4().hex
+            units, skip_blocks = _units(files, tracker)
+            resumed = merge_stats(st.complete_stats)[0]
+            sizes = _known_sizes(files, totals)
+            total = sum(sizes.values()) if len(sizes) == len(files) else None
+            progress = Progress(
+                cfg.output.progress_interval_s, len(complete), resumed.get("input", 0), stream, total_samples=total
             )
-        manifest.update(status="complete", id_type=writer.id_type, shards=len(all_stats), totals=dict(counts))
-        write_manifest(out_dir, manifest)
-        writer.close()
-        wall = time.monotonic() - t_start
-        print(summary_table(counts, seconds, wall, len(all_stats), "complete", manifest["warnings"]), file=stream)
-        return BuildOutcome(
-            EXIT_OK, "complete", "", len(all_stats), dict(counts), seconds, wall, random_weights=random_weights
-        )
-    except (BuildRefused, ManifestMismatch, InputError) as exc:
-        print(f"error: {exc}", file=stream, flush=True)
-        return BuildOutcome(EXIT_REFUSED, "refused", str(exc), wall_s=time.monotonic() - t_start)
+            _say(
+                stream,
+                f"{len(files)} input file(s), {len(units)} to read, {len(complete)} shard(s) already complete"
+                + (f", {total:,} samples in all" if total is not None else "")
+                + f"; detector {info['detector']['model']} ({num_gpus:g} GPU per actor), spaCy "
+                f"{info['spacy_model']['pipeline']} {info['spacy_model']['version']} -> {store.url}",
+            )
+            written: list[dict[str, Any]] = []
+            bad_inputs: list[str] = []
+            if units:
+                st.assembler = assembler = _Assembler(cfg, store, st.run_id, paths)
+                ds = build_dataset(cfg, units, detector_factory, num_gpus, info.get("env"))
+                ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks)
+                _say(stream, "starting the stages' actors and reading the input")
+                progress.start()
+
+                def collect(timeout: float) -> None:
+                    for key, result in assembler.finished(timeout):
+                        if result["status"] == "complete":
+                            tracker.done(key)
+                            written.append(result["stats"])
+                            progress.shard_done(result["stats"])
+                        elif result["status"] == "bad_input":
+                            tracker.fail(key, result["detail"])
+                            bad_inputs.append(f"{result['file']} ({result['detail']})")
+                        else:
+                            tracker.retry(key)
+
+                def launch() -> None:
+                    id_was = tracker.id_type
+                    if tracker.decide_id_type(complete) and id_was is None:
+                        manifest["id_type"] = tracker.id_type
+                        manifest["file_samples"] = {str(k): v for k, v in sorted(tracker.file_totals.items())}
+                        write_manifest(store, manifest)
+                    for shard in tracker.ready():
+                        assembler.launch(shard, tracker.id_type)
+
+                try:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                        before = tracker.samples_seen
+                        for row in batch.to_pylist():
+                            tracker.add(row)
+                        if progress.total_samples is None and len(tracker.file_totals) == len(files):
+                            progress.set_total(sum(tracker.file_totals.values()))
+                        launch()
+                        collect(0.0)
+                        progress.rows_seen(tracker.samples_seen - before, len(tracker.open))
+                        lease.check()
+                        _check_stop()
+                    launch()
+                    while assembler.in_flight:
+                        collect(1.0)
+                        launch()
+                        lease.check()
+                        _check_stop()
+                finally:
+                    progress.stop()
+            all_stats = st.complete_stats + written
+            counts, seconds = merge_stats(all_stats)
+            manifest["file_samples"] = {str(k): v for k, v in sorted(tracker.file_totals.items())}
+            if bad_inputs or not tracker.whole:
+                missing = tracker.missing()
+                if bad_inputs:
+                    message = (
+                        f"input could not be read: {'; '.join(bad_inputs[:5])}. The shards holding the unreadable "
+                        "part are not marked complete; fix or replace the file and run the same command again"
+                    )
+                else:
+                    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                    message = (
+                        f"the pipeline ended with input not written ({shown}); run the same command again to resume"
+                    )
+                return _failed(st, message, t_start, stream, len(all_stats))
+            manifest.update(status="complete", id_type=tracker.id_type, shards=len(all_stats), totals=dict(counts))
+            write_manifest(store, manifest)
+            _finish(st)
+            wall = time.monotonic() - t_start
+            print(summary_table(counts, seconds, wall, len(all_stats), "complete", manifest["warnings"]), file=stream)
+            return BuildOutcome(
+                EXIT_OK, "complete", "", len(all_stats), dict(counts), seconds, wall, random_weights=random_weights
+            )
+    except BuildInterrupted as exc:
+        message = f"stopped by {exc}; complete shards are kept: run the same command again to resume"
+        code = EXIT_INTERRUPTED.get(exc.signum, EXIT_FAILED)
+        return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
     except KeyboardInterrupt:
         message = "interrupted; complete shards are kept: run the same command again to resume"
-        return _failed(out_dir, manifest, writer, message, t_start, stream, code=130)
+        return _failed(st, message, t_start, stream, code=EXIT_INTERRUPTED[signal.SIGINT])
     except ShardWriteError as exc:
-        return _failed(out_dir, manifest, writer, str(exc), t_start, stream)
+        return _failed(st, str(exc), t_start, stream)
+    except LeaseLost as exc:
+        return _failed(st, f"{exc}: this build stopped so that two builds never write at once", t_start, stream)
+    except OSError as exc:
+        where = getattr(exc, "filename", None) or cfg.output.path
+        message = f"writing to {where} failed: {exc.strerror or exc}; fix the cause and run the same command again"
+        return _failed(st, message, t_start, stream)
     except Exception as exc:  # noqa: BLE001 - any failure of the Ray job: report it, keep complete shards
-        text = str(exc).strip().splitlines()
-        message = f"the build failed: {type(exc).__name__}: {text[-1] if text else ''}"
+        if _STOP:  # a signal that surfaced inside a Ray call
+            name = signal.Signals(_STOP["signum"]).name
+            message = f"stopped by {name}; complete shards are kept: run the same command again to resume"
+            code = EXIT_INTERRUPTED.get(_STOP["signum"], EXIT_FAILED)
+            return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
+        message = f"the build failed: {_root_cause(exc)}"
         logger.debug("build failed", exc_info=True)
-        return _failed(out_dir, manifest, writer, message + "; run the same command again to resume", t_start, stream)
+        return _failed(st, message + "; run the same command again to resume", t_start, stream)
     finally:
+        if st.lease is not None:
+            st.lease.release()
         if owns_ray:
             import ray
 
             ray.shutdown()
 
 
-def _failed(out_dir, manifest, writer, message, t_start, stream, code: int = EXIT_FAILED) -> BuildOutcome:
-    shards = 0
-    if writer is not None:
-        writer.abort()
-        shards = writer.next_number
+_ERROR_LINE = re.compile(r"\b(?!RayTaskError|UserCodeException)(\w+(?:Error|Exception)): (.+)")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error behind a failure of the Ray job (a worker's ``OSError: ... No space left on device``),
+    rather than Ray's own summary line."""
+    seen, chain = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    for err in reversed(chain):
+        if not type(err).__module__.startswith("ray"):
+            text = str(err).strip().splitlines()
+            return f"{type(err).__name__}: {text[-1] if text else ''}"
+    found = [m for line in str(chain[0]).splitlines() if (m := _ERROR_LINE.search(line))]
+    if found:
+        return f"{found[-1].group(1)}: {found[-1].group(2)}"
+    text = str(chain[0]).strip().splitlines()
+    return f"{type(chain[0]).__name__}: {text[-1] if text else ''}"
+
+
+def _undo_start(st: _Run) -> None:
+    """A build that did not start leaves the output as it found it: no lease, no temporary folder, no new folder."""
+    if st.store is None:
+        return
+    if st.lease is not None:
+        st.lease.release()
+        st.lease = None
+    with contextlib.suppress(OSError, ValueError):
+        if not st.store.listdir(TMP_ROOT):
+            st.store.delete_tree(TMP_ROOT)
+    if not st.existed:
+        st.store.remove_root_if_empty()
+
+
+def _finish(st: _Run) -> None:
+    """Remove this run's temporary folder (its fragments) and the build's temporary root when empty."""
+    if st.lease is not None:
+        st.lease.release()  # first: its heartbeat writes through the temporary root removed below
+    if st.store is None or not st.run_id:
+        return
+    with contextlib.suppress(OSError):
+        st.store.delete_tree(run_dir(st.run_id))
+    with contextlib.suppress(OSError, ValueError):
+        if not st.store.listdir(TMP_ROOT):
+            st.store.delete_tree(TMP_ROOT)
+
+
+def _failed(st: _Run, message, t_start, stream, shards: int = 0, code: int = EXIT_FAILED, drain: float = 0.0):
+    """End a started build: shards being assembled finish within ``drain`` seconds or are abandoned, the manifest
+    says ``incomplete``, this run's temporary files go."""
+    if st.assembler is not None and st.tracker is not None:
+        deadline = time.monotonic() + drain
+        with contextlib.suppress(Exception):
+            while st.assembler.in_flight and time.monotonic() < deadline:
+                for key, result in st.assembler.finished(min(1.0, max(0.0, deadline - time.monotonic()))):
+                    if result["status"] == "complete":
+                        st.tracker.done(key)
+        st.assembler.cancel()
+    if st.tracker is not None:
+        shards = max(shards, len(st.tracker.complete))
     print(f"error: {message}", file=stream, flush=True)
-    if manifest is not None:
-        manifest["status"] = "incomplete"
+    if st.manifest is not None and st.store is not None:
+        st.manifest["status"] = "incomplete"
+        if st.tracker is not None:
+            st.manifest["file_samples"] = {str(k): v for k, v in sorted(st.tracker.file_totals.items())}
         # The same cause (disk full, permissions) may stop this write too; the shards are what count.
         with contextlib.suppress(OSError):
-            write_manifest(out_dir, manifest)
+            write_manifest(st.store, st.manifest)
+    if st.started:
+        _finish(st)
+    else:
+        with contextlib.suppress(OSError):
+            _undo_start(st)
     return BuildOutcome(code, "failed", message, shards=shards, wall_s=time.monotonic() - t_start)

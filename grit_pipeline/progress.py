@@ -30,15 +30,24 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Prints ``samples/s`` and counts so far to ``stream`` every ``interval_s`` seconds (0: never)."""
+    """Prints samples/s, counts so far and, where the input's size is known, the total, percentage and ETA, to
+    ``stream`` every ``interval_s`` seconds (0: never)."""
 
-    def __init__(self, interval_s: float, resumed_shards: int, resumed_samples: int, stream: TextIO | None = None):
+    def __init__(
+        self,
+        interval_s: float,
+        resumed_shards: int,
+        resumed_samples: int,
+        stream: TextIO | None = None,
+        total_samples: int | None = None,
+    ):
         self.interval_s = interval_s
         self.stream = stream or sys.stderr
         self.started = time.monotonic()
         self.last = self.started
         self.resumed_shards = resumed_shards
         self.resumed_samples = resumed_samples
+        self.total_samples = total_samples
         self.rows = 0
         self.shards = 0
         self.pending = 0
@@ -48,6 +57,7 @@ class Progress:
 
     def start(self) -> None:
         """Print a line every interval even while no result arrives (a slow detector on CPU), until :meth:`stop`."""
+        self.started = self.last = time.monotonic()
         if self.interval_s <= 0 or self._ticker is not None:
             return
         self._ticker = threading.Thread(target=self._tick, name="grit-progress", daemon=True)
@@ -65,6 +75,10 @@ class Progress:
                 self.last = time.monotonic()
                 self.print_line(self.pending)
 
+    def set_total(self, total_samples: int | None) -> None:
+        """The input's size in samples, once known (parquet metadata, a resumed build's manifest, every file read)."""
+        self.total_samples = total_samples
+
     def shard_done(self, stats: dict[str, Any]) -> None:
         self.shards += 1
         self.counts.update(stats.get("counts") or {})
@@ -77,11 +91,32 @@ class Progress:
             self.last = now
             self.print_line(pending)
 
+    def eta(self) -> tuple[int, float, float | None] | None:
+        """``(done, percent, seconds left)`` when the total is known (seconds left: None before any rate)."""
+        if not self.total_samples:
+            return None
+        done = min(self.resumed_samples + self.rows, self.total_samples)
+        percent = 100.0 * done / self.total_samples
+        elapsed = time.monotonic() - self.started
+        rate = self.rows / elapsed if elapsed > 0 and self.rows else 0.0
+        left = (self.total_samples - done) / rate if rate > 0 else None
+        return done, percent, left
+
     def print_line(self, pending: int = 0) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         c = self.counts
+        where = self.eta()
+        if where is not None:
+            done, percent, left = where
+            eta = _fmt_duration(left) if left is not None else "?"
+            head = (
+                f"{done:,}/{self.total_samples:,} samples ({percent:.1f}%, ETA {eta}) | "
+                f"{self.rows} processed this run ({self.rows / elapsed:.1f}/s)"
+            )
+        else:
+            head = f"{self.rows} samples processed ({self.rows / elapsed:.1f}/s)"
         line = (
-            f"[grit build {_fmt_duration(elapsed)}] {self.rows} samples processed ({self.rows / elapsed:.1f}/s) | "
+            f"[grit build {_fmt_duration(elapsed)}] {head} | "
             f"shards complete: {self.shards} this run + {self.resumed_shards} before | "
             f"in complete shards: kept {c.get('kept', 0)}, dropped {c.get('dropped', 0)}, boxes {c.get('boxes', 0)} | "
             f"open blocks: {pending}"

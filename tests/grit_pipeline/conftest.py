@@ -61,7 +61,10 @@ def build_overrides(tiny_detector, spacy_model_name) -> list[str]:
         "text.resources.batch_size=4",
         "image.resources.batch_size=4",
         "input.resources.batch_size=2",
+        "input.resources.num_cpus=0.5",  # a --set inside a resources block starts from StageResources' defaults
         "output.samples_per_shard=2",
+        "output.resources.batch_size=2",  # a fragment per two rows: shards complete one by one (tests interrupt)
+        "output.resources.num_cpus=0.25",
         "output.progress_interval_s=0",
     ]
 

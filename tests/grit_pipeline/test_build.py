@@ -21,7 +21,9 @@ from tests.grit_pipeline.conftest import (
 def test_end_to_end_records_and_readback(reference_build, reference_input, tmp_path):
     out = reference_build
     got = read_output(out)
-    assert got["shards"] == [f"{i:05d}" for i in range(REFERENCE_SHARDS)]
+    # Shards are named by input file and block: 8 tars of 3 samples (2 blocks each), a table of 5 (3 blocks).
+    expected = [f"{f:05d}-{b:05d}" for f in range(8) for b in range(2)] + [f"00008-{b:05d}" for b in range(3)]
+    assert got["shards"] == expected and len(expected) == REFERENCE_SHARDS
     rows = got["rows"]
     assert len(rows) == REFERENCE_SAMPLES  # one index row per input sample, kept or dropped
     dropped = {k: r["drop_reason"] for k, r in rows.items() if r["status"] == "dropped"}
@@ -45,7 +47,8 @@ def test_end_to_end_records_and_readback(reference_build, reference_input, tmp_p
     assert manifest["detector"]["kind"] == "grounding_dino" and manifest["detector"]["random_weights"] is False
     assert manifest["spacy_model"]["version"] and manifest["id_type"] == "int64"
     assert manifest["totals"]["input"] == REFERENCE_SAMPLES and manifest["totals"]["kept"] == REFERENCE_SAMPLES - 1
-    assert (out / "config.yaml").exists() and not (out / ".tmp").exists()
+    assert (out / "config.yaml").exists() and not (out / ".grit-tmp").exists()
+    assert not (out / ".grit-lock.json").exists()  # the lease is given back
     stats = [json.loads((out / f"{s}_stats.json").read_text()) for s in got["shards"]]
     assert sum(s["counts"]["boxes"] for s in stats) == sum(len(r["noun_chunks"]) for r in got["records"].values())
     assert all(s["seconds"]["grounding"] > 0 and s["seconds"]["write"] > 0 for s in stats)

@@ -93,7 +93,7 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
 
     # The rotated JPEG is stored upright; the GIF became a PNG; the 16-bit PNG is stored as it came.
-    with tarfile.open(out / "00000.tar") as tf:
+    with tarfile.open(out / "00000-00000.tar") as tf:
         names = tf.getnames()
         rotated = Image.open(io.BytesIO(tf.extractfile("rotated.jpg").read()))
         assert rotated.size == (64, 96) and rotated.getexif().get(0x0112, 1) == 1

@@ -46,3 +46,20 @@ def test_summary_table_lists_every_reason_and_stage():
     assert "grounding actor restarts" in table and "WARNING: detector has RANDOM weights" in table
     for stage in ("read", "decode", "text", "grounding", "write"):
         assert stage in table
+
+
+def test_progress_shows_total_percentage_and_eta_when_the_size_is_known():
+    out = io.StringIO()
+    progress = Progress(interval_s=0, resumed_shards=1, resumed_samples=100, stream=out, total_samples=1000)
+    progress.start()
+    progress.started -= 10.0  # ten seconds in
+    progress.rows_seen(200, pending=2)  # 200 this run: 20/s, 700 left -> 35 s
+    done, percent, left = progress.eta()
+    assert (done, percent) == (300, 30.0) and 34 < left < 36
+    progress.print_line(2)
+    line = out.getvalue()
+    assert "300/1,000 samples (30.0%, ETA 0:00:3" in line and "200 processed this run" in line
+    unknown = Progress(interval_s=0, resumed_shards=0, resumed_samples=0, stream=io.StringIO())
+    assert unknown.eta() is None
+    unknown.set_total(50)
+    assert unknown.eta() == (0, 0.0, None)  # no rate yet: no ETA, but the total and percentage

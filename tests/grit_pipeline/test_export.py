@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from grit_pipeline.record import RECORD_FIELDS
 
+from grit_core.record import RECORD_FIELDS
 from grit_pipeline.cli import main as grit_main
 from tests.grit_pipeline.stats.stats_corpus_factory import make_corpus, read_tar_records
 

@@ -1,22 +1,28 @@
-"""The shard writer (grit_pipeline.writer) on hand-made pipeline rows: order, atomicity, dedup, resume state."""
+"""The workers' shard writing (grit_pipeline.writer) and the driver's bookkeeping (shard_tracker) on hand-made rows,
+through fsspec's in-memory filesystem and a local folder: fragments, assembly, determinism, dedup, resume state."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import tarfile
+import uuid
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from grit_core.record import record_from_json, validate_record
+from grit_pipeline.output_store import OutputStore
+from grit_pipeline.shard_tracker import ShardTracker
+from grit_pipeline.stages import WORK_SCHEMA
 from grit_pipeline.writer import (
-    TMP_DIR,
-    ShardWriter,
-    clean_output,
+    assemble_shard,
     convert_id,
     resolve_id_type,
-    scan_output,
+    scan_complete,
+    write_fragments,
 )
 from tests.grit_pipeline import pipeline_corpus as corpus
 
@@ -34,8 +40,6 @@ def kept_row(f: int, pos: int, key: str | None = None, id_=None) -> dict:
         "caption": caption,
         "id_json": json.dumps(pos if id_ is None else id_),
         "url": f"http://x/{pos}",
-        "clip_similarity_vitb32": None,
-        "clip_similarity_vitl14": None,
         "image": corpus.jpeg(pos),
         "image_ext": "jpg",
         "width": 96,
@@ -71,75 +75,156 @@ def rows_for(files: list[int]) -> list[dict]:
     return rows
 
 
-def write(out, files, rows, n=3, id_type="auto"):
-    state = scan_output(out, n)
-    writer = ShardWriter(out, n, [f"in{i}" for i in range(len(files))], state, id_type=id_type)
-    writer.add_rows(rows)
-    return writer
+def memory_store() -> OutputStore:
+    return OutputStore(f"memory://grit-test-{uuid.uuid4().hex[:8]}/out")
 
 
-def test_shards_are_written_in_input_order_whatever_the_arrival_order(tmp_path):
+def build(store: OutputStore, files: list[int], rows: list[dict], n: int = 3, batch: int = 4, id_type="auto"):
+    """The worker side and the driver side of a build, in this process: fragments per batch, then assembly."""
+    run = uuid.uuid4().hex
+    tracker = ShardTracker(n, len(files), id_type=None if id_type == "auto" else id_type)
+    results = []
+    for i in range(0, len(rows), batch):
+        meta = write_fragments(pa.Table.from_pylist(rows[i : i + batch], schema=WORK_SCHEMA), store, run, n)
+        for row in meta.to_pylist():
+            tracker.add(row)
+        tracker.decide_id_type()
+        for shard in tracker.ready():
+            result = assemble_shard(
+                store, run, shard.file_index, shard.block, n, shard.expected, shard.fragments,
+                f"in{shard.file_index}", tracker.id_type, shard.last_block, shard.file_total,
+            )  # fmt: skip
+            results.append(result)
+            if result["status"] == "complete":
+                tracker.done((shard.file_index, shard.block))
+            elif result["status"] == "bad_input":
+                tracker.fail((shard.file_index, shard.block), result["detail"])
+    return tracker, results
+
+
+def test_shards_are_named_by_input_and_identical_whatever_the_arrival_order():
     files = [7, 0, 2]  # an empty file in the middle
     rows = rows_for(files)
     random.Random(0).shuffle(rows)
-    writer = write(tmp_path / "a", files, rows)
-    assert writer.complete and not writer.buffers
-    assert not list((tmp_path / "a" / TMP_DIR).iterdir())
-    writer.close()
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == [f"{i:05d}{ext}" for i in range(4) for ext in (".parquet", ".tar", "_stats.json")]
-    inputs = [json.loads((tmp_path / "a" / f"{i:05d}_stats.json").read_text())["input"] for i in range(4)]
+    a = memory_store()
+    tracker, _ = build(a, files, rows)
+    assert tracker.whole and not tracker.open
+    names = sorted(n for n in a.listdir() if n != ".grit-tmp")
+    shards = ["00000-00000", "00000-00001", "00000-00002", "00002-00000"]
+    assert names == sorted(f"{s}{ext}" for s in shards for ext in (".parquet", ".tar", "_stats.json"))
+    assert not a.fs.find(a.path(".grit-tmp"))  # each shard's fragments went once it was written
+    inputs = [json.loads(a.read_bytes(f"{s}_stats.json"))["input"] for s in shards]
     assert [(s["file_index"], s["block"], s["samples"], s["last_block"]) for s in inputs] == [
         (0, 0, 3, False),
         (0, 1, 3, False),
         (0, 2, 1, True),
         (2, 0, 2, True),
     ]
-    table = pq.read_table(tmp_path / "a" / "00001.parquet")
+    table = pq.read_table(io.BytesIO(a.read_bytes("00000-00001.parquet")))
     assert table.column("key").to_pylist() == ["k0_3", "k0_4", "k0_5"]
     assert table.column("status").to_pylist() == ["dropped", "kept", "kept"]
-    with tarfile.open(tmp_path / "a" / "00001.tar") as tf:
-        names = tf.getnames()
-        assert names == ["k0_4.jpg", "k0_4.txt", "k0_4.json", "k0_5.jpg", "k0_5.txt", "k0_5.json"]
+    with tarfile.open(fileobj=io.BytesIO(a.read_bytes("00000-00001.tar"))) as tf:
+        assert tf.getnames() == ["k0_4.jpg", "k0_4.txt", "k0_4.json", "k0_5.jpg", "k0_5.txt", "k0_5.json"]
         rec = record_from_json(tf.extractfile("k0_4.json").read())
         validate_record(rec, check_order=True)
         assert tf.extractfile("k0_4.jpg").read() == corpus.jpeg(4)
-    stats = json.loads((tmp_path / "a" / "00001_stats.json").read_text())
+    stats = json.loads(a.read_bytes("00000-00001_stats.json"))
     assert stats["counts"]["input"] == 3 and stats["counts"]["kept"] == 2 and stats["counts"]["dropped_bad_image"] == 1
     assert stats["counts"]["boxes"] == 4 and stats["counts"]["ref_exps_retained"] == 2
     assert stats["seconds"]["grounding"] == pytest.approx(0.012)
-    # Byte-identical output from a different arrival order.
+    # Byte-identical output from another arrival order and other batches.
     random.Random(1).shuffle(rows)
-    write(tmp_path / "b", files, rows)
-    for name in ("00000.tar", "00001.parquet", "00003.tar"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    b = memory_store()
+    build(b, files, rows, batch=3)
+    for name in ("00000-00000.tar", "00000-00001.parquet", "00002-00000.tar"):
+        assert a.read_bytes(name) == b.read_bytes(name)
 
 
-def test_a_shard_waits_for_its_predecessors(tmp_path):
-    writer = write(tmp_path, [3, 3], [])
-    assert writer.add_rows([kept_row(1, p) for p in range(3)] + [eof(1, 3)]) == []
-    assert writer.pending() == {"00001-00000": 3}
-    assert not any(tmp_path.glob("*_stats.json"))
-    done = writer.add_rows([kept_row(0, p) for p in range(3)])
-    assert [s["shard"] for s in done] == ["00000"]  # a full block is complete before its file's end is known
-    assert not writer.complete
-    done = writer.add_rows([eof(0, 3)])  # only now is file 0 known to be over, so file 1 may follow
-    assert [s["shard"] for s in done] == ["00001"] and writer.complete
+def test_a_shard_is_written_as_soon_as_it_is_whole_and_a_last_block_waits_for_the_end_of_its_file():
+    store = memory_store()
+    rows = [kept_row(1, p) for p in range(3)] + [kept_row(0, p) for p in (0, 1)]
+    tracker, results = build(store, [3, 4], rows, id_type="int64")
+    assert [r["shard"] for r in results] == ["00001-00000"]  # file 1 does not wait for file 0: any order
+    # With output.id_type=auto nothing is assembled before the first shard in input order decides the type.
+    tracker2 = ShardTracker(3, 2)
+    for row in write_fragments(pa.Table.from_pylist(rows[:3], schema=WORK_SCHEMA), store, "r" * 32, 3).to_pylist():
+        tracker2.add(row)
+    assert tracker2.decide_id_type() is None and tracker2.ready() == []
+    # File 1's last block (position 3 alone) waits for the file's end.
+    meta = write_fragments(pa.Table.from_pylist([kept_row(1, 3)], schema=WORK_SCHEMA), store, "r" * 32, 3)
+    tracker3 = ShardTracker(3, 2, id_type="int64")
+    for row in meta.to_pylist():
+        tracker3.add(row)
+    assert tracker3.ready() == []
+    tracker3.add({"kind": "eof", "file_index": 1, "samples": 4})
+    (ready,) = tracker3.ready()
+    assert (ready.file_index, ready.block, ready.expected, ready.last_block, ready.file_total) == (1, 1, 1, True, 4)
 
 
-def test_duplicate_keys_and_retried_rows(tmp_path):
+def test_first_shard_decides_the_id_type():
+    store = memory_store()
+    rows = [kept_row(0, 0, id_="a-1"), kept_row(0, 1, id_=5), eof(0, 2), kept_row(1, 0, id_=7), eof(1, 1)]
+    tracker, _ = build(store, [2, 1], rows, n=5)
+    assert tracker.id_type == "string"
+    assert pq.read_table(io.BytesIO(store.read_bytes("00000-00000.parquet"))).column("id").to_pylist() == ["a-1", "5"]
+    assert pq.read_table(io.BytesIO(store.read_bytes("00001-00000.parquet"))).column("id").to_pylist() == ["7"]
+
+
+def test_duplicate_keys_within_a_shard_and_retried_rows():
     rows = [kept_row(0, 0, key="same"), kept_row(0, 1, key="same"), kept_row(1, 0, key="same"), eof(0, 2), eof(1, 1)]
-    rows.insert(1, kept_row(0, 0, key="same"))  # a retried task sends position 0 again
-    write(tmp_path, [2, 1], rows, n=5)
-    t0 = pq.read_table(tmp_path / "00000.parquet").to_pylist()
-    t1 = pq.read_table(tmp_path / "00001.parquet").to_pylist()
-    assert [(r["status"], r["drop_reason"]) for r in t0 + t1] == [
-        ("kept", None),
-        ("dropped", "duplicate_key"),
-        ("dropped", "duplicate_key"),
-    ]
-    with tarfile.open(tmp_path / "00000.tar") as tf:
+    rows.insert(1, kept_row(0, 0, key="same"))  # a retried read sends position 0 again
+    store = memory_store()
+    tracker, _ = build(store, [2, 1], rows, n=5, batch=10)
+    assert tracker.whole
+    t0 = pq.read_table(io.BytesIO(store.read_bytes("00000-00000.parquet"))).to_pylist()
+    t1 = pq.read_table(io.BytesIO(store.read_bytes("00001-00000.parquet"))).to_pylist()
+    # Inside a shard the first in input order keeps the key; another shard's copy is its own (docs/format.md).
+    assert [(r["status"], r["drop_reason"]) for r in t0] == [("kept", None), ("dropped", "duplicate_key")]
+    assert [(r["status"], r["drop_reason"]) for r in t1] == [("kept", None)]
+    with tarfile.open(fileobj=io.BytesIO(store.read_bytes("00000-00000.tar"))) as tf:
         assert tf.getnames() == ["same.jpg", "same.txt", "same.json"]
+
+
+def test_a_retried_batch_rewrites_the_same_fragment():
+    store = memory_store()
+    table = pa.Table.from_pylist([kept_row(0, p) for p in range(2)], schema=WORK_SCHEMA)
+    first = write_fragments(table, store, "a" * 32, 3).to_pylist()
+    again = write_fragments(table, store, "a" * 32, 3).to_pylist()
+    assert first == again
+    tracker = ShardTracker(3, 1, id_type="int64")
+    for row in first + again:
+        tracker.add(row)
+    assert tracker.samples_seen == 2 and tracker.ready() == []  # counted once: not mistaken for a whole block
+
+
+def test_a_shard_with_unreadable_input_is_never_marked_complete():
+    rows = [kept_row(0, 0), dropped_row(0, 1, "bad_input"), eof(0, 2)]
+    store = memory_store()
+    tracker, results = build(store, [2], rows, n=5)
+    assert [r["status"] for r in results] == ["bad_input"] and not tracker.whole
+    assert not any(name.startswith("00000-00000") for name in store.listdir())
+
+
+def test_fragments_short_of_the_block_write_nothing():
+    store = memory_store()
+    meta = write_fragments(pa.Table.from_pylist([kept_row(0, 0)], schema=WORK_SCHEMA), store, "b" * 32, 2)
+    (frag,) = [r["path"] for r in meta.to_pylist()]
+    result = assemble_shard(store, "b" * 32, 0, 0, 2, 2, [frag, frag], "in0", "int64", False, None)
+    assert result["status"] == "missing" and not any(n.endswith(".tar") for n in store.listdir())
+
+
+def test_scan_finds_every_complete_shard_not_only_a_prefix(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    files = [7, 2]
+    build(store, files, rows_for(files))
+    done = scan_complete(store, 3)
+    assert sorted(done) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert scan_complete(store, 4) == {}  # another shard size: nothing reusable
+    # A crash between 00000-00001's tar and its stats: that shard is not complete; those after it still are.
+    (tmp_path / "out" / "00000-00001_stats.json").unlink()
+    (tmp_path / "out" / "00000-00002.parquet").unlink()  # and a shard whose parquet is missing
+    (tmp_path / "out" / "99999-00000_stats.json").write_text("{not json")
+    assert sorted(scan_complete(store, 3)) == [(0, 0), (1, 0)]
 
 
 def test_id_types():
@@ -149,44 +234,3 @@ def test_id_types():
     assert convert_id("12", "int64") == (12, False)
     assert convert_id("x", "int64") == (None, True)
     assert convert_id(3, "string") == ("3", False)
-
-
-def test_string_ids_make_a_string_column(tmp_path):
-    rows = [kept_row(0, 0, id_="a-1"), kept_row(0, 1, id_=5), eof(0, 2)]
-    writer = write(tmp_path, [2], rows, n=5)
-    assert writer.id_type == "string"
-    assert pq.read_table(tmp_path / "00000.parquet").column("id").to_pylist() == ["a-1", "5"]
-
-
-def test_scan_output_finds_the_complete_prefix_and_clean_removes_leftovers(tmp_path):
-    files = [7, 2]
-    write(tmp_path, files, rows_for(files))
-    state = scan_output(tmp_path, 3)
-    assert state.next_number == 4 and (state.next_file, state.next_block) == (2, 0)
-    assert "k0_0" in state.seen_keys and len(state.seen_keys) == 9
-    assert scan_output(tmp_path, 4).next_number == 0  # another shard size: nothing reusable
-    # A crash after 00002's tar was renamed but before its stats: 00002 and later are not complete.
-    (tmp_path / "00002_stats.json").unlink()
-    (tmp_path / TMP_DIR / "00002.parquet.part").write_bytes(b"partial")
-    state = scan_output(tmp_path, 3)
-    assert state.next_number == 2 and (state.next_file, state.next_block) == (0, 2)
-    removed = clean_output(tmp_path, state)
-    assert sorted(removed) == [TMP_DIR, "00002.parquet", "00002.tar"]
-    assert (tmp_path / "00003_stats.json").exists()  # beyond the gap: rewritten when the run gets there
-    # The resumed writer continues at shard 00002 and rewrites 00003 identically.
-    before = (tmp_path / "00003.tar").read_bytes()
-    rest = [r for r in rows_for(files) if (r["file_index"], r["position"] // 3) >= (0, 2)]
-    writer = ShardWriter(tmp_path, 3, ["in0", "in1"], state)
-    writer.add_rows(rest)
-    assert writer.complete and [s["shard"] for s in writer.written] == ["00002", "00003"]
-    assert (tmp_path / "00003.tar").read_bytes() == before
-
-
-def test_failed_write_marks_nothing_complete(tmp_path):
-    writer = write(tmp_path, [3], [])
-    (tmp_path / "00000.parquet").mkdir()  # the rename onto this path fails: a write error like any other
-    with pytest.raises(Exception, match="writing shard 00000") as info:
-        writer.add_rows([kept_row(0, p) for p in range(3)] + [eof(0, 3)])
-    assert "run the same command again" in str(info.value)
-    assert not (tmp_path / "00000_stats.json").exists()
-    assert scan_output(tmp_path, 3).next_number == 0

@@ -109,9 +109,9 @@ def shapes(tmp_path_factory, spacy_model_name):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, stopped when it ends
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # Shards follow the input files: 3 of train (1,000 samples each), then heldout, then wiring.
-    out.update(train=str(corpus / "{00000..00002}.tar"), heldout=str(corpus / "00003.tar"))
-    out["wiring"] = str(corpus / "00004.tar")
+    # Shards are named <input file>-<block>: 3 of train (1,000 samples each), then heldout, then wiring.
+    out.update(train=str(corpus / "00000-{00000..00002}.tar"), heldout=str(corpus / "00001-00000.tar"))
+    out["wiring"] = str(corpus / "00002-00000.tar")
     code = main(["tokenizer", "train", "--shards", out["train"], "--vocab-size", "300", "--out", str(root / "tok")])
     assert code == 0
     out["tokenizer"] = str(root / "tok")

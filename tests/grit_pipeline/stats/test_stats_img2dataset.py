@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from grit_pipeline.record import containment_filter
 from PIL import Image
 
+from grit_core.record import containment_filter
 from grit_pipeline.cli import main as grit_main
 
 STATUSES = (
