@@ -96,8 +96,8 @@ def test_default_plan_on_a_two_cpu_cluster_is_refused_at_once(two_cpu_head, smal
     address, env = two_cpu_head
     code, out, seconds = _build(address, env, build_args(small_input, tmp_path / "out", build_overrides))
     assert code == 2, out
-    # The default stages reserve 3.5 CPUs: read 0.5, then text, decode and grounding 1 each.
-    assert "cannot hold this plan" in out and "1.5 CPU missing" in out, out
+    # The default plan reserves 3.75 CPUs: read 0.5, text, decode and grounding 1 each, the writing task 0.25.
+    assert "cannot hold this plan" in out and "1.75 CPU missing" in out, out
     assert "decode (1 actor x 1 CPU)" in out and "grounding (1 actor x 1 CPU)" in out, out
     assert "ray.wait_for_resources_s" in out
     assert "Traceback" not in out and "Logged from file" not in out, out  # no warning fails its own formatting

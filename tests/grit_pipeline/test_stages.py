@@ -114,9 +114,9 @@ def test_a_new_stage_is_one_list_entry(ray_session, spacy_model_name, tmp_path, 
     monkeypatch.setattr(stages, "STAGE_NAMES", tuple(s.name for s in plan))
     cfg = load_config(GritConfig, None, [f"text.spacy_model={spacy_model_name}", "ray.stages.mark.batch_size=2"])
     validate_settings(cfg)  # ray.stages.mark is a known stage now
-    assert [d.stage for d in stage_demand(cfg)] == ["read", "text", "mark"]
+    assert [d.stage for d in stage_demand(cfg)] == ["read", "text", "mark", "write"]  # the sink last
     problem = capacity_problem(stage_demand(cfg), {"CPU": 1.5}, {"CPU": 1.5})
-    assert "mark (1 actor x 0.25 CPU)" in problem and "0.25 CPU missing" in problem
+    assert "mark (1 actor x 0.25 CPU)" in problem and "0.5 CPU missing" in problem
 
     files = resolve_inputs(make_reference_input(tmp_path / "in"))
     units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
