@@ -40,6 +40,15 @@ NON_RESULT_KEYS = (
     "detector.resources",
     "detector.fault_after_batches",
     "detector.allow_random_weights",  # what was actually loaded is compared instead (detector.random_weights)
+    # How the detector is run (queues, post-processing place, compile, kernels): boxes equal within float tolerance.
+    "detector.queue_window",
+    "detector.device_postprocess",
+    "detector.disable_torch_checks",
+    "detector.compile",
+    "detector.max_compiled_graphs",
+    "detector.compile_cache_dir",
+    "detector.cuda_graphs",
+    "detector.msda_kernel",
     "output",
     "ray",
 )
@@ -51,6 +60,7 @@ LAYOUT_KEYS = (
     "input.max_tar_members",
     "output.samples_per_shard",
     "output.id_type",
+    "output.image_format",  # one image extension per corpus: never mixed by a resume
 )
 
 PACKAGES = ("spacy", "transformers", "torch", "ray", "pyarrow", "pillow", "numpy", "webdataset", "fsspec")

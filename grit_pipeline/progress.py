@@ -157,6 +157,7 @@ def summary_table(
     for key in (
         "images_exif_reencoded",
         "images_converted_png",
+        "images_converted_jpeg",
         "ids_not_integer",
         "members_ignored",
         "grounding_actor_restarts",
