@@ -143,7 +143,8 @@ def _split_optimizer(optim_sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _join_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def join_optimizer_state(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict from per-parameter tensors and the JSON side (scalars, param groups)."""
     state = {name: dict(fields) for name, fields in tensors.items()}
     for name, fields in meta.get("scalars", {}).items():
         state.setdefault(name, {}).update(fields)
@@ -259,7 +260,7 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
         raise DcpCheckpointError(f"{folder}: the sharded checkpoint does not fit this model ({exc})") from exc
     set_model_state_dict(model, state[MODEL_PREFIX])
     if optimizer is not None:
-        full = _join_optimizer(state[OPTIM_PREFIX]["state"], meta["optimizer"])
+        full = join_optimizer_state(state[OPTIM_PREFIX]["state"], meta["optimizer"])
         # strict=False: parameters without saved state (above) are allowed to have none.
         set_optimizer_state_dict(model, optimizer, optim_state_dict=full, options=StateDictOptions(strict=False))
 

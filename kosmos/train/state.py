@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grit_core.durable import fsync_dir
+from kosmos.model.checkpoint_dcp import join_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,7 @@ def optimizer_state_from_files(tensors: dict[str, torch.Tensor], meta: dict[str,
     for key, tensor in tensors.items():
         name, _, field_name = key.rpartition("/")
         state.setdefault(name, {})[field_name] = tensor
-    for name, fields in meta.get("scalars", {}).items():
-        state.setdefault(name, {}).update(fields)
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
+    return join_optimizer_state(state, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
