@@ -236,6 +236,7 @@ def shard_contents(
             "ref_exps": row.get("ref_exps"),
             "status": row["status"],
             "drop_reason": row.get("drop_reason"),
+            "detail": row.get("detail") if row["status"] != STATUS_KEPT else None,
             "source": row.get("source"),
             "image_ext": row.get("image_ext"),
             "num_chunks_found": row.get("num_chunks_found"),

@@ -58,14 +58,6 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     good = corpus.good_samples(4, seed=40)
     corpus.write_hostile_tar(inputs / "00001.tar", good)
     expected.update({g["key"]: None for g in good})
-    full = corpus.write_tar(tmp_path / "full.tar", corpus.good_samples(4, seed=41))
-    data = full.read_bytes()
-    with tarfile.open(full) as tf:
-        offsets = {m.name: m.offset_data for m in tf}
-    third = corpus.good_samples(4, seed=41)[2]["key"]
-    (inputs / "00002.tar").write_bytes(data[: offsets[f"{third}.jpg"] + 50])  # truncated inside the 3rd image
-    expected.update({g["key"]: None for g in corpus.good_samples(2, seed=41)})
-    expected[third] = "bad_input"
     cwd_before = set(os.listdir(Path.cwd()))
     parent_before = set(os.listdir(tmp_path))
 
@@ -106,6 +98,24 @@ def test_malformed_and_hostile_inputs(ray_session, build_overrides, tmp_path):
     assert set(os.listdir(Path.cwd())) == cwd_before
     assert not os.path.exists("/tmp/absolute-escape.jpg")
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path.parent / "up.txt").exists()
+
+
+def test_a_truncated_tar_leaves_the_build_incomplete_and_names_the_file(ray_session, build_overrides, tmp_path):
+    """The rest of a truncated tar is unknown (bad_input): its shard is not marked complete, the build says so."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    corpus.write_tar(inputs / "00000.tar", corpus.good_samples(3, seed=42))
+    full = corpus.write_tar(tmp_path / "full.tar", corpus.good_samples(4, seed=41))
+    with tarfile.open(full) as tf:
+        offsets = {m.name: m.offset_data for m in tf}
+    third = corpus.good_samples(4, seed=41)[2]["key"]
+    (inputs / "00001.tar").write_bytes(full.read_bytes()[: offsets[f"{third}.jpg"] + 50])  # inside the 3rd image
+    out = tmp_path / "out"
+    code, text = run_cli(build_args([str(inputs)], out, build_overrides, ["output.samples_per_shard=50"]))
+    assert code == 1, text
+    assert "00001.tar" in text and "not marked complete" in text, text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "incomplete"
+    assert (out / "00000-00000_stats.json").exists() and not (out / "00001-00000_stats.json").exists()
 
 
 def test_annotations_become_the_records_boxes(ray_session, build_overrides, tmp_path):

@@ -128,6 +128,7 @@ def test_actors_pending_on_a_busy_cluster_fail_within_the_timeout(
     try:
         assert holder.stdout.readline().strip() == "holding"
         half = [f"ray.stages.{s}.num_cpus=0.5" for s in ("read", "text", "decode", "grounding")]
+        half.append("output.resources.num_cpus=0")  # the plan fits the 2 CPUs exactly
         extra = [*half, "ray.actor_start_timeout_s=10"]
         code, out, seconds = _build(address, env, build_args(small_input, tmp_path / "out", build_overrides, extra))
         assert code == 1, out

@@ -104,7 +104,7 @@ def test_grit_noun_chunks_and_ref_exps_ground_a_caption(spacy_model_name):
     """GRIT's own entries, through the same path as any annotation: spans tied to chunks, then the detector."""
     from grit_pipeline.assemble import build_entries, map_annotations, unique_phrases
     from grit_pipeline.config import TextConfig
-    from grit_pipeline.readers import InputSample, apply_metadata
+    from grit_pipeline.readers.sample import InputSample, apply_metadata
     from grit_pipeline.text import TextStage
 
     raw = "a man in a blue shirt riding a horse"
