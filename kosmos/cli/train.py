@@ -25,6 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    code = _train(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End a rank of a multi-process run without interpreter finalization. The process group is destroyed by then,
+    but gloo's worker threads outlive it, and one may still be releasing the tensors of the last collective: taking
+    the GIL while the interpreter finalizes aborts the process (SIGABRT, "terminate called without an active
+    exception") after a run that succeeded. Every output is flushed first; nothing else is left to clean up."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train(args: argparse.Namespace) -> int:
     from grit_core.config import ConfigError
     from kosmos.data.parquet import ParquetSourceError
     from kosmos.train.config import load_train_config
