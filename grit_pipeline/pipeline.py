@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,8 +30,20 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
-from urllib.parse import urlparse
 
+from grit_pipeline.cluster import (
+    StageDemand,
+    actor_start_timeout,
+    auto_gpus,
+    capacity_problem,
+    check_capacity,
+    configure_ray_data,
+    grounding_gpus,
+    hub_environment,
+    stage_cpus,
+    stage_demand,
+    start_ray,
+)
 from grit_pipeline.config import GritConfig, dump_config
 from grit_pipeline.manifest import (
     CONFIG_COPY,
@@ -47,8 +56,10 @@ from grit_pipeline.manifest import (
     result_settings,
     write_manifest,
 )
+from grit_pipeline.outcome import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, BuildOutcome, BuildRefused
 from grit_pipeline.output_lock import LOCK_NAME, LeaseLost, OutputLease, OutputLocked
 from grit_pipeline.output_store import TMP_ROOT, OutputStore
+from grit_pipeline.plan import attach_writer, build_dataset, preflight, validate_settings
 from grit_pipeline.progress import Progress, merge_stats, summary_table
 from grit_pipeline.readers import InputError, InputFile, resolve_inputs
 from grit_pipeline.shard_tracker import ReadyShard, ShardTracker
@@ -59,354 +70,18 @@ from grit_pipeline.writer import (
     scan_complete,
     shard_name,
     stale_runs,
-    write_fragments,
 )
 
+# The driver lives here; the plan and the cluster checks have modules of their own, and their names are kept
+# importable from here.
+__all__ = [
+    "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REFUSED", "BuildInterrupted", "BuildOutcome", "BuildRefused",
+    "StageDemand", "actor_start_timeout", "attach_writer", "auto_gpus", "build_dataset", "capacity_problem",
+    "check_capacity", "configure_ray_data", "grounding_gpus", "hub_environment", "preflight", "run_build",
+    "stage_cpus", "stage_demand", "start_ray", "validate_settings",
+]  # fmt: skip
+
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1  # started and did not finish: re-run the same command to resume
-EXIT_REFUSED = 2  # did not start: bad config or input, settings mismatch, missing model, output in use
-# Stopped by a signal (128 + the signal's number, as shells report it); the manifest says "incomplete".
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class BuildRefused(RuntimeError):
-    """The build cannot start; the message says why and what to do."""
-
-
-@dataclass
-class BuildOutcome:
-    exit_code: int
-    status: str  # "complete", "incomplete", "failed", "refused"
-    message: str = ""
-    shards: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    wall_s: float = 0.0
-    random_weights: bool = False
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Ray
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def stage_cpus(cfg: GritConfig) -> float:
-    """Logical CPUs the plan reserves for the whole run: every actor pool, one read task and one writing task."""
-    return sum(d.cpus for d in stage_demand(cfg))
-
-
-@dataclass
-class StageDemand:
-    """What one stage holds while the build runs: ``workers`` actors (one task for a source stage) of
-    ``cpus_each``/``gpus_each``."""
-
-    stage: str
-    workers: int
-    cpus_each: float
-    gpus_each: float
-    kind: str = "actor"  # or "task" (reading)
-
-    @property
-    def cpus(self) -> float:
-        return self.workers * self.cpus_each
-
-    @property
-    def gpus(self) -> float:
-        return self.workers * self.gpus_each
-
-    def describe(self) -> str:
-        gpus = f" + {self.gpus_each:g} GPU" if self.gpus_each else ""
-        plural = "s" if self.workers != 1 else ""
-        return f"{self.stage} ({self.workers} {self.kind}{plural} x {self.cpus_each:g} CPU{gpus})"
-
-
-def stage_demand(cfg: GritConfig, auto_gpus: float = 0.0) -> list[StageDemand]:
-    """Per stage, in plan order, the resources it holds; ``auto_gpus`` is what ``num_gpus: -1`` stands for."""
-    from grit_pipeline.stages import STAGES, SourceStage
-
-    out = []
-    for stage in STAGES:
-        res = stage.resources_for(cfg)
-        source = issubclass(stage, SourceStage)
-        workers = 1 if source else max(1, res.actors)  # reading needs one task at a time, not a pool
-        gpus = auto_gpus if res.num_gpus < 0 else res.num_gpus
-        out.append(StageDemand(stage.name, workers, res.num_cpus, gpus, "task" if source else "actor"))
-    # The sink: at least one writing task (fragments or a shard's assembly) must find CPUs the pools do not hold.
-    out.append(StageDemand("write", 1, cfg.output.write_resources().num_cpus, 0.0, "task"))
-    return out
-
-
-def start_ray(cfg: GritConfig) -> bool:
-    """Join or start Ray; returns True when this call started it (and so should shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    common = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **common)
-    else:
-        # Actor pools hold their CPUs for the whole run; a machine with fewer cores than they reserve still runs
-        # them all (oversubscribed), rather than waiting forever for CPUs that never free up.
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(stage_cpus(cfg) + 0.999))
-        ray.init(
-            address="local",  # a new local instance, never a cluster some `ray start` left on this machine
-            num_cpus=num_cpus,
-            num_gpus=None if cfg.ray.num_gpus < 0 else cfg.ray.num_gpus,
-            object_store_memory=cfg.ray.object_store_memory or None,
-            include_dashboard=False,
-            **common,
-        )
-    return True
-
-
-def configure_ray_data() -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own progress line instead of one bar per operator
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
-
-
-def auto_gpus() -> float:
-    """What ``num_gpus: -1`` means on the Ray cluster this process is connected to: one GPU where it has GPUs."""
-    import ray
-
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-def grounding_gpus(cfg: GritConfig) -> float:
-    """GPUs per grounding actor: as configured, or (``-1``) one where the cluster has GPUs, none where it has none."""
-    from grit_pipeline.stages import GroundingStage
-
-    requested = GroundingStage.resources_for(cfg).num_gpus
-    return requested if requested >= 0 else auto_gpus()
-
-
-def capacity_problem(demand: list[StageDemand], total: dict[str, float], largest: dict[str, float]) -> str:
-    """Why a cluster with ``total`` resources (its largest node: ``largest``) cannot hold ``demand``; "" if it can.
-
-    Pools are placed in plan order; the message names the pools that do not fit and what is missing.
-    """
-    problems = []
-    for d in demand:
-        for kind, each in (("CPU", d.cpus_each), ("GPU", d.gpus_each)):
-            if each > largest.get(kind, 0.0) + 1e-9:
-                problems.append(
-                    f"one {d.stage} worker needs {each:g} {kind}, the largest node has {largest.get(kind, 0.0):g}"
-                )
-    for kind, attr in (("CPU", "cpus"), ("GPU", "gpus")):
-        need = sum(getattr(d, attr) for d in demand)
-        have = total.get(kind, 0.0)
-        if need <= have + 1e-9:
-            continue
-        used, short = 0.0, []
-        for d in demand:
-            used += getattr(d, attr)
-            if getattr(d, attr) and used > have + 1e-9:
-                short.append(d.describe())
-        parts = ", ".join(f"{d.stage} {getattr(d, attr):g}" for d in demand if getattr(d, attr))
-        problems.append(
-            f"the stages reserve {need:g} {kind} ({parts}) but the cluster has {have:g}: {need - have:g} {kind} "
-            f"missing; pool(s) that do not fit: {'; '.join(short)}"
-        )
-    return "; ".join(problems)
-
-
-def _cluster_resources() -> tuple[dict[str, float], dict[str, float]]:
-    import ray
-
-    total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    largest: dict[str, float] = {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        for kind in ("CPU", "GPU"):
-            largest[kind] = max(largest.get(kind, 0.0), float(node.get("Resources", {}).get(kind, 0.0)))
-    return total, largest
-
-
-def _warn_if_busy(demand: list[StageDemand], largest: dict[str, float], cfg: GritConfig) -> None:
-    """The plan fits the cluster, but not what is free of it now: say which pools will wait, and how long."""
-    import ray
-
-    free = {k: float(v) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-    busy = capacity_problem(demand, free, largest)
-    if busy:
-        limit = actor_start_timeout(cfg)
-        logger.warning(
-            "other work holds part of the Ray cluster (%s); the stages wait for it %s",
-            busy.replace("the cluster has", "the cluster has free"),
-            "for ever" if limit < 0 else f"up to {limit} s (ray.actor_start_timeout_s)",
-        )
-
-
-def check_capacity(cfg: GritConfig, num_gpus: float | None = None) -> None:
-    """Refuse a plan the cluster cannot hold (Ray would wait for ever for its actors), naming the pools and the
-    missing resources. ``ray.wait_for_resources_s`` > 0 first waits that long for the cluster to grow (an
-    autoscaler), -1 for ever; an embedded local Ray never grows, so there it refuses at once.
-
-    ``num_gpus``: what ``num_gpus: -1`` resolves to (default: from the cluster).
-    """
-    demand = stage_demand(cfg, auto_gpus() if num_gpus is None else num_gpus)
-    joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    wait = cfg.ray.wait_for_resources_s if joined else 0.0
-    t0 = time.monotonic()
-    warned = False
-    while True:
-        total, largest = _cluster_resources()
-        problem = capacity_problem(demand, total, largest)
-        if not problem:
-            _warn_if_busy(demand, largest, cfg)
-            return
-        waited = time.monotonic() - t0
-        if wait >= 0 and waited >= wait:
-            if joined:
-                hint = (
-                    "lower ray.stages.<stage>.actors or num_cpus/num_gpus, add nodes, or set "
-                    "ray.wait_for_resources_s to wait for an autoscaler"
-                )
-                if wait > 0:
-                    hint = f"waited {waited:.0f} s; " + hint
-            else:
-                hint = "raise ray.num_cpus (0 = enough for the stages) or lower ray.stages.<stage>.actors or num_cpus"
-            raise BuildRefused(f"the Ray cluster cannot hold this plan: {problem}; {hint}")
-        if not warned:
-            limit = "for ever" if wait < 0 else f"up to {wait:g} s"
-            logger.warning("the Ray cluster cannot hold this plan yet (%s): waiting %s for it to grow", problem, limit)
-            warned = True
-        time.sleep(min(2.0, max(0.1, wait - waited)) if wait > 0 else 2.0)
-
-
-def hub_environment(cfg: GritConfig) -> dict[str, str]:
-    """``{"HF_HUB_OFFLINE": "1"}`` when the detector names a hub model and the hub cannot be reached, else ``{}``.
-
-    Offline, the hub client would retry for half a minute before giving up; in offline mode it answers at once from
-    the local cache (a model downloaded earlier still loads) or fails with the loader's message.
-    """
-    model = cfg.detector.model
-    if cfg.detector.kind != "grounding_dino" or os.path.isdir(model) or os.environ.get("HF_HUB_OFFLINE"):
-        return {}
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        return {"HF_HUB_OFFLINE": "1"}
-    return {}
-
-
-def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
-    """Runs as a Ray task: load spaCy and build the detector once, so a missing model fails before any input."""
-    from grit_pipeline.stages import default_detector_factory
-    from grit_pipeline.text import load_spacy
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    env = hub_environment(cfg)
-    os.environ.update(env)
-    nlp = load_spacy(cfg.text.spacy_model)
-    detector = (detector_factory or default_detector_factory)(cfg)
-    detector.setup()  # loads the weights: where they cannot be had, this raises with the loader's message
-    return {
-        "spacy_model": {
-            "name": cfg.text.spacy_model,
-            "pipeline": f"{nlp.meta.get('lang')}_{nlp.meta.get('name')}",
-            "version": nlp.meta.get("version"),
-        },
-        "detector": {
-            "kind": cfg.detector.kind,
-            "model": getattr(detector, "model_id", cfg.detector.model),
-            "random_weights": bool(getattr(detector, "random_weights", False)),
-            "notes": list(getattr(detector, "notes", [])),
-        },
-        "env": env,
-    }
-
-
-def preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
-    import ray
-
-    task = ray.remote(num_cpus=0, max_retries=0)(_preflight)
-    try:
-        return ray.get(task.remote(cfg, detector_factory))
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        message = str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
-        raise BuildRefused(message) from None
-
-
-def actor_start_timeout(cfg: GritConfig) -> int:
-    """Seconds Ray Data waits for each pool's actors to be placed and set up before failing; -1 = no limit."""
-    limits = (cfg.ray.actor_start_timeout_s, cfg.ray.wait_for_resources_s)
-    if any(v < 0 for v in limits):
-        return -1
-    return max(1, math.ceil(max(limits)))
-
-
-def build_dataset(
-    cfg: GritConfig,
-    units: list[dict[str, Any]],
-    detector_factory: Callable[[GritConfig], Any] | None = None,
-    num_gpus: float | None = None,
-    env: dict[str, str] | None = None,
-):
-    """The Ray Data plan: the input units through every stage of ``grit_pipeline.stages.STAGES``, in order.
-
-    Each stage's pool size, CPUs, GPUs and batch size come from ``ray.stages.<name>`` over its declared defaults;
-    ``num_gpus`` is what ``num_gpus: -1`` stands for (default: one where the cluster has GPUs). A pool whose actors
-    cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever.
-    """
-    import ray
-
-    from grit_pipeline.stages import STAGES, BuildContext
-    from grit_pipeline.stages.ray_adapter import add_stage
-
-    ray.data.DataContext.get_current().wait_for_min_actors_s = actor_start_timeout(cfg)
-    context = BuildContext(
-        detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
-    )
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    for i, stage in enumerate(STAGES):
-        later = {reason for s in STAGES[i + 1 :] for reason in s.reconsiders}
-        ds = add_stage(
-            ds, stage, cfg, context, max_tasks=len(units), final=i == len(STAGES) - 1, keep_image_for=tuple(later)
-        )
-    return ds
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The build
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def validate_settings(cfg: GritConfig) -> None:
-    """Settings that are well-typed but unusable, refused before anything starts."""
-    problems = []
-    if cfg.output.samples_per_shard < 1:
-        problems.append("output.samples_per_shard must be at least 1")
-    if cfg.output.id_type not in ("auto", "int64", "string"):
-        problems.append(f"output.id_type must be auto, int64 or string, got {cfg.output.id_type!r}")
-    if cfg.detector.kind not in ("grounding_dino", "annotations"):
-        problems.append(f"detector.kind must be grounding_dino or annotations, got {cfg.detector.kind!r}")
-    from grit_pipeline.stages import STAGE_NAMES, STAGES
-
-    unknown = sorted(set(cfg.ray.stages) - set(STAGE_NAMES))
-    if unknown:
-        problems.append(f"ray.stages.{unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
-    for stage in STAGES:
-        res = stage.resources_for(cfg)
-        if res.actors < 1 or res.batch_size < 1 or res.num_cpus < 0 or not (res.num_gpus >= 0 or res.num_gpus == -1):
-            problems.append(
-                f"ray.stages.{stage.name}: actors and batch_size must be >= 1, num_cpus >= 0, num_gpus >= 0 or -1"
-            )
-    if not cfg.output.path:
-        problems.append("output.path is empty: pass --output DIR")
-    if problems:
-        raise BuildRefused("; ".join(problems))
 
 
 OWN_NAMES = (LOCK_NAME, TMP_ROOT)  # what a build may leave in an output before its manifest exists
@@ -509,24 +184,6 @@ def _signals_interrupt():
     finally:  # _STOP stays set: the build's error handling still needs to know a signal stopped it
         for sig, previous in old.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-
-
-def attach_writer(ds, store: OutputStore, run: str, cfg: GritConfig, skip_blocks: frozenset):
-    """Append the workers' fragment writing to the plan: rows in, one small metadata row per fragment out."""
-    import ray
-
-    res = cfg.output.write_resources()
-    extra = {"resources": dict(cfg.output.ray_resources)} if cfg.output.ray_resources else {}
-    return ds.map_batches(
-        write_fragments,
-        fn_kwargs={"store": store, "run": run, "samples_per_shard": cfg.output.samples_per_shard,
-                   "skip_blocks": skip_blocks},
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-        num_cpus=res.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=max(1, res.actors)),
-        **extra,
-    )  # fmt: skip
 
 
 class _Assembler:

@@ -1,0 +1,129 @@
+"""The Ray Data plan of ``grit build``: settings refused before anything starts, the preflight task that loads the
+models once, the input units through every stage of ``grit_pipeline.stages.STAGES``, and the workers' fragment
+writing appended to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from grit_pipeline.cluster import actor_start_timeout, auto_gpus, hub_environment
+from grit_pipeline.config import GritConfig
+from grit_pipeline.outcome import BuildRefused
+from grit_pipeline.output_store import OutputStore
+from grit_pipeline.writer import write_fragments
+
+
+def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
+    """Runs as a Ray task: load spaCy and build the detector once, so a missing model fails before any input."""
+    from grit_pipeline.stages import default_detector_factory
+    from grit_pipeline.text import load_spacy
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env = hub_environment(cfg)
+    os.environ.update(env)
+    nlp = load_spacy(cfg.text.spacy_model)
+    detector = (detector_factory or default_detector_factory)(cfg)
+    detector.setup()  # loads the weights: where they cannot be had, this raises with the loader's message
+    return {
+        "spacy_model": {
+            "name": cfg.text.spacy_model,
+            "pipeline": f"{nlp.meta.get('lang')}_{nlp.meta.get('name')}",
+            "version": nlp.meta.get("version"),
+        },
+        "detector": {
+            "kind": cfg.detector.kind,
+            "model": getattr(detector, "model_id", cfg.detector.model),
+            "random_weights": bool(getattr(detector, "random_weights", False)),
+            "notes": list(getattr(detector, "notes", [])),
+        },
+        "env": env,
+    }
+
+
+def preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_preflight)
+    try:
+        return ray.get(task.remote(cfg, detector_factory))
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        message = str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
+        raise BuildRefused(message) from None
+
+
+def build_dataset(
+    cfg: GritConfig,
+    units: list[dict[str, Any]],
+    detector_factory: Callable[[GritConfig], Any] | None = None,
+    num_gpus: float | None = None,
+    env: dict[str, str] | None = None,
+):
+    """The Ray Data plan: the input units through every stage of ``grit_pipeline.stages.STAGES``, in order.
+
+    Each stage's pool size, CPUs, GPUs and batch size come from ``ray.stages.<name>`` over its declared defaults;
+    ``num_gpus`` is what ``num_gpus: -1`` stands for (default: one where the cluster has GPUs). A pool whose actors
+    cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever.
+    """
+    import ray
+
+    from grit_pipeline.stages import STAGES, BuildContext
+    from grit_pipeline.stages.ray_adapter import add_stage
+
+    ray.data.DataContext.get_current().wait_for_min_actors_s = actor_start_timeout(cfg)
+    context = BuildContext(
+        detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
+    )
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    for i, stage in enumerate(STAGES):
+        later = {reason for s in STAGES[i + 1 :] for reason in s.reconsiders}
+        ds = add_stage(
+            ds, stage, cfg, context, max_tasks=len(units), final=i == len(STAGES) - 1, keep_image_for=tuple(later)
+        )
+    return ds
+
+
+def validate_settings(cfg: GritConfig) -> None:
+    """Settings that are well-typed but unusable, refused before anything starts."""
+    problems = []
+    if cfg.output.samples_per_shard < 1:
+        problems.append("output.samples_per_shard must be at least 1")
+    if cfg.output.id_type not in ("auto", "int64", "string"):
+        problems.append(f"output.id_type must be auto, int64 or string, got {cfg.output.id_type!r}")
+    if cfg.detector.kind not in ("grounding_dino", "annotations"):
+        problems.append(f"detector.kind must be grounding_dino or annotations, got {cfg.detector.kind!r}")
+    from grit_pipeline.stages import STAGE_NAMES, STAGES
+
+    unknown = sorted(set(cfg.ray.stages) - set(STAGE_NAMES))
+    if unknown:
+        problems.append(f"ray.stages.{unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
+    for stage in STAGES:
+        res = stage.resources_for(cfg)
+        if res.actors < 1 or res.batch_size < 1 or res.num_cpus < 0 or not (res.num_gpus >= 0 or res.num_gpus == -1):
+            problems.append(
+                f"ray.stages.{stage.name}: actors and batch_size must be >= 1, num_cpus >= 0, num_gpus >= 0 or -1"
+            )
+    if not cfg.output.path:
+        problems.append("output.path is empty: pass --output DIR")
+    if problems:
+        raise BuildRefused("; ".join(problems))
+
+
+def attach_writer(ds, store: OutputStore, run: str, cfg: GritConfig, skip_blocks: frozenset):
+    """Append the workers' fragment writing to the plan: rows in, one small metadata row per fragment out."""
+    import ray
+
+    res = cfg.output.write_resources()
+    extra = {"resources": dict(cfg.output.ray_resources)} if cfg.output.ray_resources else {}
+    return ds.map_batches(
+        write_fragments,
+        fn_kwargs={"store": store, "run": run, "samples_per_shard": cfg.output.samples_per_shard,
+                   "skip_blocks": skip_blocks},
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_cpus=res.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, res.actors)),
+        **extra,
+    )  # fmt: skip
