@@ -10,6 +10,7 @@ masks as the uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -54,6 +55,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolved_config(cfg: TrainConfig, model: KosmosModel) -> TrainConfig:
+    """``cfg`` with what the run derives filled in: the sequence geometry from the model (image size, image tokens,
+    location bins) and the image frame ``auto`` stands for. A new config: the caller's is left as it was. The run
+    folder's config files record this one, so a checkpoint says how it was trained."""
+    seq = cfg.data.sequence
+    derived = dataclasses.replace(
+        seq,
+        image_size=model.config.vision.image_size,
+        num_image_tokens=model.config.latent_query_num,
+        num_bins=model.config.loc_bins,
+        image_frame=resolve_image_frame(
+            seq.image_frame, cfg.model.checkpoint if cfg.model.init == "checkpoint" else None
+        ),
+    )
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sequence=derived))
+
+
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train as ``cfg`` says (continuing from the run folder's latest checkpoint with ``resume``); returns the
     run's summary. Under torchrun every rank calls this."""
@@ -92,13 +110,7 @@ def _run(cfg: TrainConfig, resume: bool, env: Dist) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg)
     seed_everything(run.seed)  # the same initial weights on every rank
     model = build_model(cfg, tokenizer, env.device)
-    seq = cfg.data.sequence  # sequences must have the model's geometry
-    seq.image_size = model.config.vision.image_size
-    seq.num_image_tokens = model.config.latent_query_num
-    seq.num_bins = model.config.loc_bins
-    seq.image_frame = resolve_image_frame(
-        seq.image_frame, cfg.model.checkpoint if cfg.model.init == "checkpoint" else None
-    )
+    cfg = resolved_config(cfg, model)
     state = read_trainer_state(resume_from) if resume_from is not None else None
     sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
     if state is not None:

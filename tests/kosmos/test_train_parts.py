@@ -331,3 +331,19 @@ def test_old_run_flags_in_model_overrides_still_load():
         load_train_config(None, [*base, "model.overrides={freeze_vision: 'yes'}"])
     with pytest.raises(ConfigError, match="precision' must be one of fp32, bf16"):
         load_train_config(None, [*base, "run.precision=fp8"])
+
+
+def test_the_run_derives_sequence_geometry_into_a_new_config_and_leaves_the_callers():
+    from kosmos.train.run import resolved_config
+
+    cfg = load_train_config(None, ["tokenizer=tok", "data.sources=[{kind: grit, shards: [x.tar]}]"])
+    before = json.dumps(cfg.data.sequence.__dict__, sort_keys=True)
+    model = create_model("tiny")
+    run_cfg = resolved_config(cfg, model)
+    seq = run_cfg.data.sequence
+    assert (seq.image_size, seq.num_image_tokens, seq.num_bins) == (
+        model.config.vision.image_size, model.config.latent_query_num, model.config.loc_bins,
+    )  # fmt: skip
+    assert seq.image_frame == "center_crop"  # what "auto" means for a model trained from scratch
+    assert json.dumps(cfg.data.sequence.__dict__, sort_keys=True) == before  # the caller's config is untouched
+    assert cfg.data.sequence.image_frame == "auto" and seq.image_size != cfg.data.sequence.image_size
