@@ -60,6 +60,7 @@ LAYOUT_KEYS = (
     "input.max_tar_members",
     "output.samples_per_shard",
     "output.id_type",
+    "output.image_format",  # one image extension per corpus: never mixed by a resume
 )
 
 PACKAGES = ("spacy", "transformers", "torch", "ray", "pyarrow", "pillow", "numpy", "webdataset", "fsspec")

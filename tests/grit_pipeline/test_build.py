@@ -119,6 +119,10 @@ def test_result_changing_settings_are_refused_unless_told(reference_build, refer
     assert code == 2 and "detector.nms_iou: 0.5 -> 0.3" in text and "--overwrite-config" in text
     code, text = run_cli(build_args(reference_input[:1], reference_build, build_overrides))
     assert code == 2 and "new output folder" in text
+    # One image extension per corpus: a resume never mixes .jpg with the inputs' own formats.
+    other_format = ["output.image_format=original"]
+    code, text = run_cli(build_args(reference_input, reference_build, build_overrides, other_format))
+    assert code == 2 and "output.image_format: 'jpg' -> 'original'" in text and "new output folder" in text
     # Speed-only settings are fine.
     speed_only = ["text.resources.batch_size=7"]
     code, text = run_cli(build_args(reference_input, reference_build, build_overrides, speed_only))
