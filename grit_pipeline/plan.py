@@ -77,11 +77,14 @@ def build_dataset(
         detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
     )
     ds = ray.data.from_items(units, override_num_blocks=len(units))
+    # Each stage's blocks are cut to the next step's batch size, so every actor of the next pool gets work.
+    next_batch = [s.resources_for(cfg).batch_size for s in STAGES[1:]] + [cfg.output.write_resources().batch_size]
     for i, stage in enumerate(STAGES):
         later = {reason for s in STAGES[i + 1 :] for reason in s.reconsiders}
         ds = add_stage(
-            ds, stage, cfg, context, max_tasks=len(units), final=i == len(STAGES) - 1, keep_image_for=tuple(later)
-        )
+            ds, stage, cfg, context, max_tasks=len(units), block_rows=next_batch[i], final=i == len(STAGES) - 1,
+            keep_image_for=tuple(later),
+        )  # fmt: skip
     return ds
 
 

@@ -110,18 +110,28 @@ def _read_units(units: pa.Table, runner_args: dict[str, Any]) -> Iterator[pa.Tab
             yield to_table(rows, schema)
 
 
-def add_stage(ds, stage_cls: type[Stage], cfg: GritConfig, context: BuildContext, max_tasks: int = 0, **runner_args):
+def add_stage(
+    ds,
+    stage_cls: type[Stage],
+    cfg: GritConfig,
+    context: BuildContext,
+    max_tasks: int = 0,
+    block_rows: int = 0,
+    **runner_args,
+):
     """``ds`` with ``stage_cls`` applied, sized by the stage's resources under ``cfg``.
 
     ``max_tasks`` caps a source stage's concurrent tasks (the number of units); ``num_gpus: -1`` resolves to
-    ``context.auto_gpus``.
+    ``context.auto_gpus``. ``block_rows`` (the next step's batch size) caps the rows of each block the stage puts
+    out: Ray Data otherwise joins a task's batches into blocks of up to 128 MiB, and one such block goes to one
+    actor of the next pool, so a pool of several actors would work on one block at a time.
     """
     import ray
 
     res = stage_cls.resources_for(cfg)
     args = {"stage_cls": stage_cls, "cfg": cfg, "context": context, **runner_args}
     if issubclass(stage_cls, SourceStage):
-        return ds.map_batches(
+        ds = ds.map_batches(
             _read_units,
             fn_kwargs={"runner_args": args},
             batch_size=1,
@@ -129,8 +139,9 @@ def add_stage(ds, stage_cls: type[Stage], cfg: GritConfig, context: BuildContext
             num_cpus=res.num_cpus,
             compute=ray.data.TaskPoolStrategy(size=max(1, min(res.actors, max_tasks or res.actors))),
         )
+        return _cap_blocks(ds, block_rows)
     num_gpus = context.auto_gpus if res.num_gpus is not None and res.num_gpus < 0 else res.num_gpus
-    return ds.map_batches(
+    ds = ds.map_batches(
         type(f"{stage_cls.__name__}Actor", (StageRunner,), {}),
         fn_constructor_kwargs=args,
         batch_size=res.batch_size,
@@ -139,3 +150,10 @@ def add_stage(ds, stage_cls: type[Stage], cfg: GritConfig, context: BuildContext
         num_gpus=num_gpus or None,
         compute=ray.data.ActorPoolStrategy(size=max(1, res.actors)),
     )
+    return _cap_blocks(ds, block_rows)
+
+
+def _cap_blocks(ds, block_rows: int):
+    """Blocks of at most ``block_rows`` rows. Ray Data fuses this streaming repartition into the stage's own tasks
+    (no extra task, no barrier): the stage's output is cut into blocks as it is produced."""
+    return ds.repartition(target_num_rows_per_block=block_rows) if block_rows > 0 else ds
