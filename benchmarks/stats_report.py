@@ -154,6 +154,7 @@ def generate(root: Path, records: int = RECORDS, shards: int = SHARDS, seed: int
             "ref_exps": nested(ref_vals),
             "status": pa.array(status),
             "drop_reason": pa.array(drop, pa.string()),
+            "detail": pa.array(np.where(kept, None, "synthetic drop"), pa.string()),  # what the writer records
             "source": pa.array([f"input/{s:05d}.tar"] * n),
             "image_ext": pa.array(
                 np.where(kept, np.array(["jpg", "png", "webp"])[rng.choice(3, n, p=[0.9, 0.07, 0.03])], None)
