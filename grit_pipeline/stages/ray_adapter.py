@@ -156,4 +156,9 @@ def add_stage(
 def _cap_blocks(ds, block_rows: int):
     """Blocks of at most ``block_rows`` rows. Ray Data fuses this streaming repartition into the stage's own tasks
     (no extra task, no barrier): the stage's output is cut into blocks as it is produced."""
-    return ds.repartition(target_num_rows_per_block=block_rows) if block_rows > 0 else ds
+    if block_rows <= 0:
+        return ds
+    try:
+        return ds.repartition(target_num_rows_per_block=block_rows)
+    except TypeError:  # a Ray Data before streaming repartition (2.43): blocks as Ray Data makes them
+        return ds
