@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import shutil
 import uuid
 from typing import Any
 
@@ -106,15 +107,45 @@ class OutputStore:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
+    def make_dir(self, rel: str) -> None:
+        """Create the folder ``rel`` (locally; object stores have no folders). The driver makes a run's temporary
+        folder with it before any worker writes there: workers never create that folder (see :meth:`write_bytes`)."""
+        if self.local:
+            os.makedirs(self.path(rel), exist_ok=True)
+
+    def _require_dir(self, rel: str) -> str:
+        path = self.path(rel)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"the build's temporary folder {path} is gone: the build that made it has ended", path
+            )
+        return path
+
     def write_bytes(self, rel: str, data: bytes, tmp_rel: str = TMP_ROOT, durable: bool = True) -> None:
         """``data`` under ``rel``, whole or not at all (temporary name under ``tmp_rel`` + rename, locally).
-        ``durable=False`` skips the fsyncs (temporary files that a crash makes useless anyway)."""
+        ``durable=False`` skips the fsyncs (temporary files that a crash makes useless anyway).
+
+        The driver writes with the default ``tmp_rel``, which is created when missing. Any other ``tmp_rel`` is a
+        run's temporary folder made by the driver (:meth:`make_dir`); it must exist, and of the folders a name
+        under it needs, only those below it are created. So once the driver has removed a run's folder, a worker
+        still writing for that run fails instead of bringing the folder back."""
         if self.local:
-            tmp_dir = self.path(tmp_rel)
-            os.makedirs(tmp_dir, exist_ok=True)
+            if tmp_rel == TMP_ROOT:
+                tmp_dir = self.path(tmp_rel)
+                os.makedirs(tmp_dir, exist_ok=True)
+            else:
+                tmp_dir = self._require_dir(tmp_rel)
             tmp = posixpath.join(tmp_dir, f"{posixpath.basename(rel)}.{uuid.uuid4().hex[:8]}.part")
             final = self.path(rel)
-            os.makedirs(posixpath.dirname(final), exist_ok=True)
+            parent = posixpath.dirname(final)
+            if tmp_rel != TMP_ROOT and parent.startswith(tmp_dir + "/"):
+                below = tmp_dir
+                for part in posixpath.relpath(parent, tmp_dir).split("/"):
+                    below = posixpath.join(below, part)
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(below)  # FileNotFoundError when the run's folder went meanwhile
+            else:
+                os.makedirs(parent, exist_ok=True)
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -149,9 +180,7 @@ class OutputStore:
         """A local folder for temporary files that :meth:`put_file` can move (under the output when local)."""
         if not self.local:
             return None
-        path = self.path(rel)
-        os.makedirs(path, exist_ok=True)
-        return path
+        return self._require_dir(rel)  # a run's folder, made by the driver: never recreated by a worker
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` holding ``data`` only if it does not exist; False when it already exists."""
@@ -189,8 +218,21 @@ class OutputStore:
         """Remove a folder (prefix) of the build's own; a missing one is fine."""
         if not rel or rel.startswith("/") or ".." in rel.split("/"):
             raise ValueError(f"refusing to delete {rel!r}: only the build's own temporary folders are removed")
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.path(rel), recursive=True)
+        if self.local:
+            path = self.path(rel)
+            if posixpath.basename(posixpath.dirname(path)) == TMP_ROOT and os.path.isdir(path):
+                # A run's folder, where a stopping build's workers may still be writing. Renamed first (one atomic
+                # step): from then on its name does not exist, and as workers never create it (write_bytes), no
+                # new file can land in it. The new name is one a later build removes as stale, should this stop.
+                doomed = posixpath.join(posixpath.dirname(path), uuid.uuid4().hex)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, doomed)
+                    path = doomed
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(rel), recursive=True)
         if self.local:
             parent = posixpath.dirname(self.path(rel))
             if posixpath.basename(parent) == TMP_ROOT:

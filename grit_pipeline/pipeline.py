@@ -334,6 +334,7 @@ def run_build(
             if tracker.decide_id_type(complete) and manifest["id_type"] != tracker.id_type:
                 manifest["id_type"] = tracker.id_type
             st.run_id = uuid.uuid4().hex
+            store.make_dir(run_dir(st.run_id))  # the workers write in it, never create it (OutputStore.write_bytes)
             units, skip_blocks = _units(files, tracker)
             resumed = merge_stats(st.complete_stats)[0]
             sizes = _known_sizes(files, totals)
@@ -453,6 +454,9 @@ def run_build(
             import ray
 
             ray.shutdown()
+            if st.started and st.run_id and st.store is not None:
+                with contextlib.suppress(OSError):  # again, now that no worker of this build runs (an object
+                    st.store.delete_tree(run_dir(st.run_id))  # store's late writes): this run's folder only
 
 
 _ERROR_LINE = re.compile(r"\b(?!RayTaskError|UserCodeException)(\w+(?:Error|Exception)): (.+)")

@@ -7,6 +7,7 @@ import io
 import json
 import random
 import tarfile
+import threading
 import uuid
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from grit_pipeline.writer import (
     assemble_shard,
     convert_id,
     resolve_id_type,
+    run_dir,
     scan_complete,
     write_fragments,
 )
@@ -82,6 +84,7 @@ def memory_store() -> OutputStore:
 def build(store: OutputStore, files: list[int], rows: list[dict], n: int = 3, batch: int = 4, id_type="auto"):
     """The worker side and the driver side of a build, in this process: fragments per batch, then assembly."""
     run = uuid.uuid4().hex
+    store.make_dir(run_dir(run))  # the driver's part: workers never create the run's folder
     tracker = ShardTracker(n, len(files), id_type=None if id_type == "auto" else id_type)
     results = []
     for i in range(0, len(rows), batch):
@@ -203,6 +206,41 @@ def test_a_shard_with_unreadable_input_is_never_marked_complete():
     tracker, results = build(store, [2], rows, n=5)
     assert [r["status"] for r in results] == ["bad_input"] and not tracker.whole
     assert not any(name.startswith("00000-00000") for name in store.listdir())
+
+
+def test_a_late_worker_cannot_bring_back_a_removed_run_folder(tmp_path):
+    """A stopping build removes its run's folder while workers may still be writing: they fail, it stays gone."""
+    store = OutputStore(str(tmp_path / "out"))
+    run = "c" * 32
+    with pytest.raises(FileNotFoundError):  # the driver makes the folder; a worker never does
+        write_fragments(pa.Table.from_pylist([kept_row(0, 0)], schema=WORK_SCHEMA), store, run, 2)
+    assert not (tmp_path / "out" / ".grit-tmp").exists()
+    store.make_dir(run_dir(run))
+    errors, written = [], []
+
+    def worker():
+        position = 0
+        while position < 2000:  # ends by the error long before
+            rows = [kept_row(0, position), kept_row(0, position + 1)]
+            try:
+                written.append(write_fragments(pa.Table.from_pylist(rows, schema=WORK_SCHEMA), store, run, 2))
+            except FileNotFoundError as exc:
+                errors.append(exc)
+                return
+            position += 2
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(written) < 20:
+        threading.Event().wait(0.005)
+    store.delete_tree(run_dir(run))
+    for t in threads:
+        t.join()
+    assert len(errors) == 3 and not (tmp_path / "out" / ".grit-tmp").exists()
+    with pytest.raises(FileNotFoundError):
+        assemble_shard(store, run, 0, 0, 2, 2, [written[0].to_pylist()[0]["path"]], "in0", "int64", False, None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
 def test_fragments_short_of_the_block_write_nothing():
