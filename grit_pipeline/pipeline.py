@@ -101,8 +101,9 @@ def _check_output_folder(store: OutputStore, has_manifest: bool) -> None:
 
 
 def _units(files: list[InputFile], tracker: ShardTracker) -> tuple[list[dict[str, Any]], frozenset]:
-    """Read units for the files not wholly complete: each skips its leading complete shards. Complete shards after
-    a gap are re-read (positions must be counted) but not rewritten: their ``(file, block)`` go to the writer."""
+    """Read units for the files not wholly complete. Each skips its leading complete shards (``skip`` samples) and
+    any complete shard after a gap (``skip_blocks``): the reader goes past their samples without reading them or
+    sending them on. Those ``(file, block)`` also go to the writer, which never rewrites a complete shard."""
     n = tracker.n
     units, skip_blocks = [], set()
     for inp in files:
@@ -111,8 +112,10 @@ def _units(files: list[InputFile], tracker: ShardTracker) -> tuple[list[dict[str
         lead = 0
         while (inp.index, lead) in tracker.complete:
             lead += 1
-        units.append({"index": inp.index, "path": inp.path, "format": inp.format, "skip": lead * n})
-        skip_blocks.update((f, b) for f, b in tracker.complete if f == inp.index and b > lead)
+        later = sorted(b for f, b in tracker.complete if f == inp.index and b > lead)
+        unit = {"index": inp.index, "path": inp.path, "format": inp.format, "skip": lead * n, "skip_blocks": later}
+        units.append(unit)
+        skip_blocks.update((inp.index, b) for b in later)
     return units, frozenset(skip_blocks)
 
 

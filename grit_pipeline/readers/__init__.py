@@ -22,6 +22,7 @@ from grit_pipeline.readers.sample import (
     InputError,
     InputFile,
     InputSample,
+    Skip,
     clean_sample,
     failed_sample,
     generated_key,
@@ -36,6 +37,7 @@ __all__ = [
     "InputError",
     "InputFile",
     "InputSample",
+    "Skip",
     "generated_key",
     "iter_samples",
     "make_key",
@@ -51,12 +53,15 @@ READERS: dict[str, Callable[..., Iterator[InputSample]]] = {
 }
 
 
-def iter_samples(inp: InputFile, cfg: InputConfig, max_image_bytes: int, skip: int = 0) -> Iterator[InputSample]:
+def iter_samples(
+    inp: InputFile, cfg: InputConfig, max_image_bytes: int, skip: int | Skip = 0
+) -> Iterator[InputSample]:
     """Samples of one input file in their fixed order, every text field valid UTF-8.
 
-    The first ``skip`` come back as ``drop_reason="skipped"`` placeholders (counted, data unread) so positions stay
-    aligned with shard blocks. Only a file that cannot be opened, or breaks so that the number of samples left is
-    unknown, raises; the caller records that as one ``bad_input`` row.
+    The positions in ``skip`` (a :class:`Skip`, or an int for the first that many) come back as
+    ``drop_reason="skipped"`` placeholders (counted, data unread) so positions stay aligned with shard blocks. Only
+    a file that cannot be opened, or breaks so that the number of samples left is unknown, raises; the caller
+    records that as one ``bad_input`` row.
     """
     if inp.format not in READERS:
         raise InputError(f"unknown input format {inp.format!r}")

@@ -22,6 +22,7 @@ from grit_pipeline.readers.references import NotRegularFile, Target, is_local, r
 from grit_pipeline.readers.sample import (
     IMAGE_EXTS,
     InputSample,
+    Skip,
     apply_metadata,
     decode_text,
     failed_sample,
@@ -72,8 +73,9 @@ def _read_text(fs, path: str, cfg: InputConfig, local: bool) -> bytes | None:
     return None if len(data) > cfg.max_text_bytes else data
 
 
-def iter_image_folder(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> Iterator[InputSample]:
+def iter_image_folder(path: str, cfg: InputConfig, max_bytes: int, skip: int | Skip = 0) -> Iterator[InputSample]:
     """Every image under ``path`` (sorted, recursive) with ``<stem>.txt`` as caption and optional ``<stem>.json``."""
+    skip = Skip.of(skip)
     fs, root = fsspec.core.url_to_fs(path)
     local = is_local(fs)
     if local:
@@ -93,7 +95,7 @@ def iter_image_folder(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0
             continue
         source = image_path if local else fs.unstrip_protocol(image_path)
         sample = InputSample(key=key, source=source)
-        if i < skip:
+        if i in skip:
             sample.drop_reason = "skipped"
             yield sample
             continue

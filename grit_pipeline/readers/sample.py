@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import re
+from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,45 @@ class InputSample:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+
+
+class Skip:
+    """Positions of one file that a resume does not need (their samples are in complete shards), as ranges. Readers
+    go past them without reading their data and return ``"skipped"`` placeholders there, so positions stay aligned
+    with shard blocks. ``Skip.of(n)`` is the first ``n`` positions."""
+
+    __slots__ = ("_starts", "_stops")
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()):
+        merged: list[list[int]] = []
+        for start, stop in sorted((int(a), int(b)) for a, b in ranges if int(b) > int(a)):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        self._starts = [a for a, _ in merged]
+        self._stops = [b for _, b in merged]
+
+    @classmethod
+    def of(cls, skip: int | Skip | None) -> Skip:
+        return skip if isinstance(skip, Skip) else cls([(0, int(skip or 0))])
+
+    def __contains__(self, position: int) -> bool:
+        j = bisect_right(self._starts, position) - 1
+        return j >= 0 and position < self._stops[j]
+
+    def covers(self, start: int, stop: int) -> bool:
+        """Whether every position in ``[start, stop)`` is skipped."""
+        if stop <= start:
+            return True
+        j = bisect_right(self._starts, start) - 1
+        return j >= 0 and stop <= self._stops[j]
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __repr__(self) -> str:
+        return f"Skip({list(zip(self._starts, self._stops))})"
 
 
 def describe_exception(exc: BaseException, limit: int = 300) -> str:

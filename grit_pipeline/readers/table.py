@@ -26,6 +26,7 @@ from grit_pipeline.config import InputConfig
 from grit_pipeline.readers.references import read_referenced_image
 from grit_pipeline.readers.sample import (
     InputSample,
+    Skip,
     apply_metadata,
     failed_sample,
     generated_key,
@@ -186,7 +187,7 @@ def _reread_row_group(fs, fpath: str, rg: int, columns: list[str]):
             return None
 
 
-def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> Iterator[InputSample]:
+def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int | Skip = 0) -> Iterator[InputSample]:
     """Rows of a parquet file, in order; row groups wholly inside ``skip`` are not read.
 
     A row group whose read fails is read once more from a fresh handle (a transient read error costs nothing);
@@ -194,6 +195,7 @@ def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> 
     """
     import pyarrow.parquet as pq
 
+    skip = Skip.of(skip)
     fs, fpath = fsspec.core.url_to_fs(path)
     stem = posixpath.basename(fpath).rsplit(".", 1)[0]
     base_dir = posixpath.dirname(fpath)
@@ -201,7 +203,7 @@ def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> 
     def emit(batch, first: int) -> Iterator[InputSample]:
         for offset, row in enumerate(_batch_rows(batch, cfg, max_bytes)):
             i = first + offset
-            if i < skip:
+            if i in skip:
                 yield _skipped(path)
             elif isinstance(row, Exception):
                 yield failed_sample(generated_key(stem, i), f"{path}#{i}", row, "row unreadable")
@@ -217,7 +219,7 @@ def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> 
         start = 0
         for rg in range(pf.num_row_groups):
             rows = pf.metadata.row_group(rg).num_rows
-            if start + rows <= skip:
+            if skip.covers(start, start + rows):
                 yield from (_skipped(path) for _ in range(rows))
                 start += rows
                 continue
@@ -234,7 +236,7 @@ def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> 
                         done += batch.num_rows
                 else:
                     for i in range(start + done, start + rows):
-                        if i < skip:
+                        if i in skip:
                             yield _skipped(path)
                         else:
                             what = f"row group {rg} unreadable"
@@ -247,11 +249,12 @@ def iter_parquet(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def iter_jsonl(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> Iterator[InputSample]:
+def iter_jsonl(path: str, cfg: InputConfig, max_bytes: int, skip: int | Skip = 0) -> Iterator[InputSample]:
     """Lines of a JSONL file (optionally compressed), one object each; a line that is not one is ``bad_sample``.
 
     A line over ``input.max_member_bytes`` is skipped without being held whole (``cell_too_large``).
     """
+    skip = Skip.of(skip)
     fs, fpath = fsspec.core.url_to_fs(path)
     name = posixpath.basename(fpath)
     stem = name.split(".", 1)[0]
@@ -266,7 +269,7 @@ def iter_jsonl(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> It
             if len(line) > limit and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
                     line = f.readline(limit + 1)
-                if row_index < skip:
+                if row_index in skip:
                     yield _skipped(path)
                 else:
                     sample = InputSample(key=generated_key(stem, row_index), source=f"{path}#{row_index}")
@@ -277,7 +280,7 @@ def iter_jsonl(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> It
                 continue
             if not line.strip():
                 continue
-            if row_index < skip:
+            if row_index in skip:
                 yield _skipped(path)
                 row_index += 1
                 continue

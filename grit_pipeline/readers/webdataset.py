@@ -28,6 +28,7 @@ from grit_pipeline.readers.sample import (
     IMAGE_EXTS,
     META_EXTS,
     InputSample,
+    Skip,
     apply_metadata,
     decode_text,
     failed_sample,
@@ -78,13 +79,16 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bool = True) -> Iterator[InputSample]:
+def iter_tar(
+    fileobj, source: str, cfg: InputConfig, skip: int | Skip = 0, seekable: bool = True
+) -> Iterator[InputSample]:
     """Samples of one WebDataset tar: consecutive members with the same key form a sample.
 
     A refused member counts as one sample (dropped). The first ``skip`` samples (already in complete shards) come
     back as ``"skipped"`` placeholders and their data is not read. A member whose data ends early (a truncated tar)
     drops its sample as ``bad_input``; the samples before it are kept.
     """
+    skip = Skip.of(skip)
     group_key: str | None = None
     group: dict[str, Any] = {}
     index = 0  # samples started so far
@@ -101,7 +105,7 @@ def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bo
     def single(key: str, reason: str, detail: str, where: str = "") -> InputSample:
         nonlocal index
         index += 1
-        if index - 1 < skip:
+        if index - 1 in skip:
             return InputSample(key="", source=source, drop_reason="skipped")
         return InputSample(key=make_key(key), source=source + where, drop_reason=reason, detail=detail)
 
@@ -144,7 +148,7 @@ def iter_tar(fileobj, source: str, cfg: InputConfig, skip: int = 0, seekable: bo
                 if done is not None:
                     yield done
                 group_key = key
-                group = {"skip": index < skip}
+                group = {"skip": index in skip}
                 index += 1
             if group["skip"]:
                 continue
@@ -220,7 +224,7 @@ def _tar_sample(key: str, group: dict[str, Any], source: str) -> InputSample | N
     return sample
 
 
-def iter_webdataset(path: str, cfg: InputConfig, max_bytes: int, skip: int = 0) -> Iterator[InputSample]:
+def iter_webdataset(path: str, cfg: InputConfig, max_bytes: int, skip: int | Skip = 0) -> Iterator[InputSample]:
     """Samples of one WebDataset tar (local or any fsspec URL); gzip-compressed tars are streamed."""
     del max_bytes  # members are bounded by input.max_member_bytes; the image stage checks image.max_bytes
     fs, fpath = fsspec.core.url_to_fs(path)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from grit_pipeline.config import StageResources
-from grit_pipeline.readers import InputFile, InputSample, generated_key, iter_samples
+from grit_pipeline.readers import InputFile, InputSample, Skip, generated_key, iter_samples
 from grit_pipeline.stages.base import STATUS_PENDING, Drop, Row, SourceStage, count
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ def sample_row(inp: InputFile, position: int, sample: InputSample) -> Row | Drop
 
 
 class ReadStage(SourceStage):
-    """Samples of one input file; ``actors`` = files read at once. The first ``skip`` samples (already in complete
-    shards) keep their positions but are not emitted."""
+    """Samples of one input file; ``actors`` = files read at once. The first ``skip`` samples and those of the
+    ``skip_blocks`` (already in complete shards) keep their positions but are neither read nor emitted."""
 
     name = "read"
     resources = StageResources(actors=2, num_cpus=0.5, num_gpus=0, batch_size=32)
@@ -50,7 +50,9 @@ class ReadStage(SourceStage):
     def rows(self, unit: Row) -> Iterator[Row | Drop]:
         inp = InputFile(index=unit["index"], path=unit["path"], format=unit["format"])
         position = 0
-        samples = iter_samples(inp, self.cfg.input, self.cfg.image.max_bytes, skip=unit.get("skip", 0))
+        n = self.cfg.output.samples_per_shard
+        skip = Skip([(0, int(unit.get("skip") or 0))] + [(b * n, (b + 1) * n) for b in unit.get("skip_blocks") or ()])
+        samples = iter_samples(inp, self.cfg.input, self.cfg.image.max_bytes, skip=skip)
         while True:
             try:
                 sample = next(samples)

@@ -14,7 +14,15 @@ import pytest
 
 from grit_core.record import KEY_PATTERN
 from grit_pipeline.config import InputConfig
-from grit_pipeline.readers import InputError, InputFile, iter_samples, make_key, resolve_inputs, split_member_name
+from grit_pipeline.readers import (
+    InputError,
+    InputFile,
+    Skip,
+    iter_samples,
+    make_key,
+    resolve_inputs,
+    split_member_name,
+)
 from grit_pipeline.readers.webdataset import iter_tar
 from tests.grit_pipeline import hostile_inputs as hostile
 from tests.grit_pipeline import pipeline_corpus as corpus
@@ -178,6 +186,40 @@ def test_skip_returns_placeholders_without_reading(tmp_path):
     assert [s.drop_reason for s in got] == ["skipped"] * 3 + [None, None]
     assert all(s.image is None for s in got[:3])
     assert [s.key for s in got[3:]] == [g["key"] for g in good[3:]]
+
+
+def test_skipped_ranges_anywhere_in_a_file_are_placeholders_in_every_format(tmp_path):
+    """A resume skips complete shards after a gap too: those positions are read past, in every reader."""
+    good = corpus.good_samples(7, seed=7)
+    captions = [g["caption"] for g in good]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, caption in enumerate(captions):
+        (folder / f"im{i}.jpg").write_bytes(corpus.jpeg(i))
+        (folder / f"im{i}.txt").write_text(caption)
+    images = [corpus.jpeg(i) for i in range(7)]
+    pq.write_table(pa.table({"caption": captions, "image": images}), tmp_path / "t.parquet", row_group_size=2)
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            f.write(json.dumps({"caption": caption, "image": f"images/im{i}.jpg"}) + "\n")
+    inputs = {
+        "webdataset": corpus.write_tar(tmp_path / "a.tar", good),
+        "parquet": tmp_path / "t.parquet",
+        "jsonl": tmp_path / "t.jsonl",
+        "images": folder,
+    }
+    skip = Skip([(0, 1), (3, 5)])
+    assert [i in skip for i in range(7)] == [True, False, False, True, True, False, False]
+    assert skip.covers(3, 5) and not skip.covers(2, 4) and skip.covers(4, 4)
+    for fmt, path in inputs.items():
+        whole = samples_of(path, fmt)
+        got = samples_of(path, fmt, skip=skip)
+        assert len(got) == len(whole) == 7, fmt
+        assert [s.drop_reason == "skipped" for s in got] == [i in skip for i in range(7)], fmt
+        assert all(s.image is None for i, s in enumerate(got) if i in skip), fmt
+        kept = [(s.key, s.caption, s.image) for i, s in enumerate(got) if i not in skip]
+        assert kept == [(s.key, s.caption, s.image) for i, s in enumerate(whole) if i not in skip], fmt
+        assert all(s.drop_reason is None for i, s in enumerate(whole)), fmt
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,3 +476,23 @@ def test_a_transient_parquet_read_error_is_retried_and_a_vanished_file_is_the_fi
             for r in batch]  # fmt: skip
     assert [r.get("drop_reason") for r in rows if r["kind"] == "sample"] == [None, None, "bad_input"]
     assert rows[-1]["kind"] == "eof"
+
+
+def test_a_resume_reads_past_complete_shards_after_a_gap(tmp_path):
+    """Shards 0 and 2 of a file are complete, 1 is not: only shard 1's samples are read and sent on."""
+    from grit_pipeline.config import GritConfig, load_config
+    from grit_pipeline.pipeline import _units
+    from grit_pipeline.readers import resolve_inputs
+    from grit_pipeline.shard_tracker import ShardTracker
+    from grit_pipeline.stages.read import ReadStage
+
+    path = corpus.write_tar(tmp_path / "a.tar", corpus.good_samples(7, seed=3))
+    cfg = load_config(GritConfig, None, ["output.samples_per_shard=2"])
+    files = resolve_inputs([str(path)])
+    tracker = ShardTracker(2, len(files), {(0, 0), (0, 2)})
+    units, skip_blocks = _units(files, tracker)
+    assert skip_blocks == {(0, 2)} and [(u["skip"], u["skip_blocks"]) for u in units] == [(2, [2])]
+    rows = list(ReadStage(cfg).rows(units[0]))
+    rows = [getattr(r, "row", r) for r in rows]
+    assert [r["position"] for r in rows if r["kind"] == "sample"] == [2, 3, 6]
+    assert rows[-1]["kind"] == "eof" and rows[-1]["position"] == 7
