@@ -130,15 +130,16 @@ class OutputStore:
         under it needs, only those below it are created. So once the driver has removed a run's folder, a worker
         still writing for that run fails instead of bringing the folder back."""
         if self.local:
-            if tmp_rel == TMP_ROOT:
+            run_folder = tmp_rel != TMP_ROOT
+            if run_folder:
+                tmp_dir = self._require_dir(tmp_rel)
+            else:
                 tmp_dir = self.path(tmp_rel)
                 os.makedirs(tmp_dir, exist_ok=True)
-            else:
-                tmp_dir = self._require_dir(tmp_rel)
             tmp = posixpath.join(tmp_dir, f"{posixpath.basename(rel)}.{uuid.uuid4().hex[:8]}.part")
             final = self.path(rel)
             parent = posixpath.dirname(final)
-            if tmp_rel != TMP_ROOT and parent.startswith(tmp_dir + "/"):
+            if run_folder and parent.startswith(tmp_dir + "/"):
                 below = tmp_dir
                 for part in posixpath.relpath(parent, tmp_dir).split("/"):
                     below = posixpath.join(below, part)
@@ -230,14 +231,13 @@ class OutputStore:
                     path = doomed
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(path)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path(rel), recursive=True)
-        if self.local:
             parent = posixpath.dirname(self.path(rel))
             if posixpath.basename(parent) == TMP_ROOT:
                 with contextlib.suppress(OSError):
                     os.rmdir(parent)  # only when empty
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.path(rel), recursive=True)
 
     def remove_root_if_empty(self) -> None:
         """Remove the output folder itself when nothing is left in it (a build that did not start)."""

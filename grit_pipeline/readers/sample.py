@@ -98,9 +98,6 @@ class Skip:
         j = bisect_right(self._starts, start) - 1
         return j >= 0 and stop <= self._stops[j]
 
-    def __bool__(self) -> bool:
-        return bool(self._starts)
-
     def __repr__(self) -> str:
         return f"Skip({list(zip(self._starts, self._stops))})"
 

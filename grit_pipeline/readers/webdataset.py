@@ -84,9 +84,9 @@ def iter_tar(
 ) -> Iterator[InputSample]:
     """Samples of one WebDataset tar: consecutive members with the same key form a sample.
 
-    A refused member counts as one sample (dropped). The first ``skip`` samples (already in complete shards) come
-    back as ``"skipped"`` placeholders and their data is not read. A member whose data ends early (a truncated tar)
-    drops its sample as ``bad_input``; the samples before it are kept.
+    A refused member counts as one sample (dropped). The samples at the positions in ``skip`` (already in complete
+    shards) come back as ``"skipped"`` placeholders and their data is not read. A member whose data ends early (a
+    truncated tar) drops its sample as ``bad_input``; the samples before it are kept.
     """
     skip = Skip.of(skip)
     group_key: str | None = None
