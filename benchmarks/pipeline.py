@@ -101,7 +101,7 @@ def _stages_alone(cfg) -> dict[str, float]:
     from grit_pipeline.shard_tracker import ShardTracker
     from grit_pipeline.stages import STAGES, SourceStage, to_table
     from grit_pipeline.stages.ray_adapter import StageRunner
-    from grit_pipeline.writer import assemble_shard, write_fragments
+    from grit_pipeline.writer import assemble_shard, run_dir, write_fragments
 
     # One thread: a stage's time alone is its work in core-seconds. (More threads than free cores make torch's
     # spinning threads burn time on a shared machine, which would measure the machine, not the stage.)
@@ -125,6 +125,7 @@ def _stages_alone(cfg) -> dict[str, float]:
     n = cfg.output.samples_per_shard
     tracker = ShardTracker(n, len(files), id_type="int64")
     run = "0" * 32
+    store.make_dir(run_dir(run))  # the driver's part: workers write in the run's folder, never create it
     t = time.perf_counter()
     for part in _split(table, cfg.output.write_resources().batch_size):
         for row in write_fragments(part, store, run, n).to_pylist():

@@ -15,6 +15,7 @@ requests but does not close it (docs/cluster.md says so).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import shutil
@@ -116,9 +117,7 @@ class OutputStore:
     def _require_dir(self, rel: str) -> str:
         path = self.path(rel)
         if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"the build's temporary folder {path} is gone: the build that made it has ended", path
-            )
+            raise FileNotFoundError(errno.ENOENT, "the build's temporary folder is gone: its build has ended", path)
         return path
 
     def write_bytes(self, rel: str, data: bytes, tmp_rel: str = TMP_ROOT, durable: bool = True) -> None:
