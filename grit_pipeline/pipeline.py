@@ -11,14 +11,17 @@ Ray is started, sized to hold every stage's actors (dashboard off) and shut down
 initialised in this process (tests, notebooks), that session is used and left running.
 
 Before any input is read, one Ray task loads the spaCy pipeline and builds the detector, so a missing model stops
-the build at once with the loader's message. The output is any fsspec location (``output_store.OutputStore``); the
-workers write to it directly, the driver only writes the manifest and holds the output's lease
-(``output_lock.OutputLease``). A build that does not start leaves the output as it found it.
+the build at once with the loader's message; once it has returned, a second task compares the settings with the
+output's manifest (refusing other ones), writes the manifest and makes the run's folder. The read tasks wait for
+that task; on the embedded local Ray the stages' actors start beside the preflight. The output is any fsspec
+location (``output_store.OutputStore``); the workers write to it directly, the driver only writes the manifest and
+holds the output's lease (``output_lock.OutputLease``). A build that does not start leaves the output as it found it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 import signal
@@ -45,21 +48,20 @@ from grit_pipeline.cluster import (
     start_ray,
 )
 from grit_pipeline.config import GritConfig, dump_config
-from grit_pipeline.manifest import (
-    CONFIG_COPY,
-    ManifestMismatch,
-    check_layout,
-    check_results,
-    layout,
-    new_manifest,
-    read_manifest,
-    result_settings,
-    write_manifest,
-)
+from grit_pipeline.manifest import CONFIG_COPY, ManifestMismatch, check_layout, layout, read_manifest, write_manifest
 from grit_pipeline.outcome import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, BuildOutcome, BuildRefused
 from grit_pipeline.output_lock import LOCK_NAME, LeaseLost, OutputLease, OutputLocked
 from grit_pipeline.output_store import TMP_ROOT, OutputStore
-from grit_pipeline.plan import attach_writer, build_dataset, preflight, validate_settings
+from grit_pipeline.plan import (
+    attach_writer,
+    build_dataset,
+    preflight,
+    refusal,
+    start_opening,
+    start_preflight,
+    validate_settings,
+    worker_environment,
+)
 from grit_pipeline.progress import Progress, merge_stats, summary_table
 from grit_pipeline.readers import InputError, InputFile, resolve_inputs
 from grit_pipeline.shard_tracker import ReadyShard, ShardTracker
@@ -254,6 +256,9 @@ class _Run:
     tracker: ShardTracker | None = None
     assembler: _Assembler | None = None
     complete_stats: list[dict[str, Any]] = field(default_factory=list)
+    preflight: Any = None  # ObjectRef of the preflight task
+    opening: Any = None  # ObjectRef of the task that opens the output once the preflight has passed
+    settled: bool = False  # _settle_start ran
 
 
 def run_build(
@@ -301,50 +306,65 @@ def run_build(
                     raise BuildRefused(f"cannot start or join Ray: {type(exc).__name__}: {exc}") from exc
                 configure_ray_data()
                 _catch_signals()
-                _say(stream, "loading the spaCy pipeline and the detector (preflight)")
-                info = preflight(cfg, detector_factory)
-                settings = result_settings(cfg, info["detector"], info["spacy_model"])
-                changed = check_results(old, settings, cfg.output.overwrite_config, store.url)
                 num_gpus = grounding_gpus(cfg)
                 check_capacity(cfg, num_gpus)
                 _check_stop()
+                env = worker_environment(cfg)
+                _say(stream, "loading the spaCy pipeline and the detector (preflight)")
+                # From here until the opening task returns, two tasks may touch the output: the driver waits for
+                # them on every way out (_settle_start) before it answers.
+                st.run_id = uuid.uuid4().hex
+                st.preflight = start_preflight(cfg, detector_factory, env)
+                st.opening = start_opening(st.preflight, store, cfg, paths, old, st.run_id)
+
+                # Read-only until the output is opened: what is complete, and so what is left to read.
+                n = cfg.output.samples_per_shard
+                _say(stream, f"scanning {store.url} for complete shards")
+                complete = scan_complete(store, n)
+                st.complete_stats = [complete[k] for k in sorted(complete)]
+                totals = {int(k): int(v) for k, v in ((old or {}).get("file_samples") or {}).items()}
+                for (f, _), stats in complete.items():
+                    if stats["input"].get("last_block") and isinstance(stats["input"].get("file_samples"), int):
+                        totals[f] = stats["input"]["file_samples"]
+                id_type = (old or {}).get("id_type") or (cfg.output.id_type if cfg.output.id_type != "auto" else None)
+                st.tracker = tracker = ShardTracker(n, len(files), set(complete), totals, id_type)
+                tracker.decide_id_type(complete)
+                units, skip_blocks = _units(files, tracker)
+                resumed = merge_stats(st.complete_stats)[0]
+                sizes = _known_sizes(files, totals)
+                total = sum(sizes.values()) if len(sizes) == len(files) else None
+                progress = Progress(
+                    cfg.output.progress_interval_s, len(complete), resumed.get("input", 0), stream, total_samples=total
+                )
+                # On the embedded local Ray the pools start together and asynchronously: they start now, beside the
+                # preflight, and the read tasks wait for the opening. On a cluster Ray Data starts the pools one by
+                # one and blocks meanwhile, so the opening (which may refuse) is waited for first.
+                overlap = bool(units) and actor_start_timeout(cfg) < 0
+                if not overlap:
+                    info = _await_start(st)
+                batches: Any = iter(())
+                if units:
+                    st.assembler = assembler = _Assembler(cfg, store, st.run_id, paths)
+                    ds = build_dataset(cfg, units, detector_factory, num_gpus, env, start_after=st.opening)
+                    ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks)
+                    _say(stream, "starting the stages' actors")
+                    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+                if overlap:
+                    batches = _first_batch(st, batches)
+                    info = _await_start(st)
             except (BuildRefused, ManifestMismatch, InputError, OutputLocked) as exc:
                 _undo_start(st)
                 print(f"error: {exc}", file=stream, flush=True)
                 return BuildOutcome(EXIT_REFUSED, "refused", str(exc), wall_s=time.monotonic() - t_start)
 
-            manifest = new_manifest(cfg, paths, info["detector"], info["spacy_model"], old, changed)
-            st.manifest = manifest
+            manifest = st.manifest
+            store.write_bytes(CONFIG_COPY, dump_config(cfg).encode("utf-8"))
+            for stale in stale_runs(store):
+                if stale != run_dir(st.run_id):
+                    store.delete_tree(stale)  # fragments of an earlier build of this output (we hold the lease)
             random_weights = info["detector"]["random_weights"]
             if random_weights:
                 print(f"WARNING: {manifest['warnings'][0]}", file=stream, flush=True)
-            write_manifest(store, manifest)
-            st.started = True
-            store.write_bytes(CONFIG_COPY, dump_config(cfg).encode("utf-8"))
-            for stale in stale_runs(store):
-                store.delete_tree(stale)  # fragments of an earlier build of this output (we hold the lease)
-
-            n = cfg.output.samples_per_shard
-            _say(stream, f"scanning {store.url} for complete shards")
-            complete = scan_complete(store, n)
-            st.complete_stats = [complete[k] for k in sorted(complete)]
-            totals = {int(k): int(v) for k, v in (manifest.get("file_samples") or {}).items()}
-            for (f, _), stats in complete.items():
-                if stats["input"].get("last_block") and isinstance(stats["input"].get("file_samples"), int):
-                    totals[f] = stats["input"]["file_samples"]
-            id_type = manifest["id_type"] or (cfg.output.id_type if cfg.output.id_type != "auto" else None)
-            st.tracker = tracker = ShardTracker(n, len(files), set(complete), totals, id_type)
-            if tracker.decide_id_type(complete) and manifest["id_type"] != tracker.id_type:
-                manifest["id_type"] = tracker.id_type
-            st.run_id = uuid.uuid4().hex
-            store.make_dir(run_dir(st.run_id))  # the workers write in it, never create it (OutputStore.write_bytes)
-            units, skip_blocks = _units(files, tracker)
-            resumed = merge_stats(st.complete_stats)[0]
-            sizes = _known_sizes(files, totals)
-            total = sum(sizes.values()) if len(sizes) == len(files) else None
-            progress = Progress(
-                cfg.output.progress_interval_s, len(complete), resumed.get("input", 0), stream, total_samples=total
-            )
             _say(
                 stream,
                 f"{len(files)} input file(s), {len(units)} to read, {len(complete)} shard(s) already complete"
@@ -355,10 +375,7 @@ def run_build(
             written: list[dict[str, Any]] = []
             bad_inputs: list[str] = []
             if units:
-                st.assembler = assembler = _Assembler(cfg, store, st.run_id, paths)
-                ds = build_dataset(cfg, units, detector_factory, num_gpus, info.get("env"))
-                ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks)
-                _say(stream, "starting the stages' actors and reading the input")
+                _say(stream, "reading the input")
                 progress.start()
 
                 def collect(timeout: float) -> None:
@@ -383,7 +400,7 @@ def run_build(
                         assembler.launch(shard, tracker.id_type)
 
                 try:
-                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                    for batch in batches:
                         before = tracker.samples_seen
                         for row in batch.to_pylist():
                             tracker.add(row)
@@ -484,9 +501,85 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(chain[0]).__name__}: {text[-1] if text else ''}"
 
 
+def _await_start(st: _Run) -> dict[str, Any]:
+    """Wait for the preflight and the opening of the output (answering signals meanwhile); the preflight's result.
+    A failed preflight raises :class:`BuildRefused` with the loader's message, other settings than the output's
+    :class:`ManifestMismatch`: in both cases nothing was written."""
+    import ray
+
+    while not ray.wait([st.opening], timeout=0.5)[0]:
+        _check_stop()
+        if st.lease is not None:
+            st.lease.check()
+    try:
+        result = ray.get(st.opening)
+    except ray.exceptions.RayTaskError as exc:
+        st.settled = True
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, OSError):  # writing the manifest failed (space, permissions): a failed build
+            raise cause from None
+        if isinstance(cause, ManifestMismatch):
+            raise ManifestMismatch(refusal(exc)) from None
+        raise BuildRefused(refusal(exc)) from None
+    _mark_started(st, result)
+    return result["info"]
+
+
+def _first_batch(st: _Run, batches):
+    """``batches`` with its first batch already taken: it comes once the output is opened, as the read tasks wait
+    for that. A failed preflight or opening fails the read tasks too: that failure is raised as the refusal it is."""
+    try:
+        first = next(batches)
+    except StopIteration:
+        return iter(())
+    except Exception:
+        _await_start(st)  # a pool that cannot load its model fails as the preflight does: that refusal is raised
+        raise
+    return itertools.chain([first], batches)
+
+
+def _mark_started(st: _Run, result: dict[str, Any]) -> None:
+    """The opening task wrote the manifest and made the run's folder: from here on the output is this build's."""
+    st.settled = True
+    st.manifest = manifest = result["manifest"]
+    st.started = True
+    if st.tracker is not None and st.tracker.id_type and manifest.get("id_type") != st.tracker.id_type:
+        manifest["id_type"] = st.tracker.id_type
+
+
+def _settle_start(st: _Run, wait_s: float = 30.0) -> None:
+    """On a way out before the driver saw the output opened: the opening task must not write after the driver has
+    answered. The preflight is cancelled if it still runs (the opening then never runs); an opening under way is
+    waited for (it takes a moment): if it opened the output, the build counts as started and ends as one."""
+    if st.opening is None or st.settled:
+        return
+    st.settled = True
+    import ray
+
+    with contextlib.suppress(Exception):
+        if not ray.wait([st.preflight], timeout=0)[0]:
+            ray.cancel(st.preflight, force=True)
+    try:
+        if not ray.wait([st.opening], timeout=wait_s)[0]:
+            ray.cancel(st.opening, force=True)
+            return
+        result = ray.get(st.opening)
+    except Exception:  # noqa: BLE001 - the preflight or the opening failed, or was cancelled: nothing written
+        return
+    _mark_started(st, result)
+
+
 def _undo_start(st: _Run) -> None:
     """A build that did not start leaves the output as it found it: no lease, no temporary folder, no new folder."""
     if st.store is None:
+        return
+    _settle_start(st)
+    if st.started:  # the opening task had written the manifest: end as a started build
+        if st.manifest is not None:
+            st.manifest["status"] = "incomplete"
+            with contextlib.suppress(OSError):
+                write_manifest(st.store, st.manifest)
+        _finish(st)
         return
     if st.lease is not None:
         st.lease.release()
@@ -514,6 +607,7 @@ def _finish(st: _Run) -> None:
 def _failed(st: _Run, message, t_start, stream, shards: int = 0, code: int = EXIT_FAILED, drain: float = 0.0):
     """End a started build: shards being assembled finish within ``drain`` seconds or are abandoned, the manifest
     says ``incomplete``, this run's temporary files go."""
+    _settle_start(st)
     if st.assembler is not None and st.tracker is not None:
         deadline = time.monotonic() + drain
         with contextlib.suppress(Exception):

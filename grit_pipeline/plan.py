@@ -1,6 +1,6 @@
 """The Ray Data plan of ``grit build``: settings refused before anything starts, the preflight task that loads the
-models once, the input units through every stage of ``grit_pipeline.stages.STAGES``, and the workers' fragment
-writing appended to it."""
+models once, the task that opens the output once the preflight has passed, the input units through every stage of
+``grit_pipeline.stages.STAGES``, and the workers' fragment writing appended to it."""
 
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ from typing import Any
 
 from grit_pipeline.cluster import actor_start_timeout, auto_gpus, hub_environment
 from grit_pipeline.config import GritConfig
+from grit_pipeline.manifest import check_results, new_manifest, result_settings, write_manifest
 from grit_pipeline.outcome import BuildRefused
 from grit_pipeline.output_store import OutputStore
-from grit_pipeline.writer import write_fragments
+from grit_pipeline.writer import run_dir, write_fragments
 
 
-def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
+def _preflight(
+    cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Runs as a Ray task: load spaCy and build the detector once, so a missing model fails before any input."""
     from grit_pipeline.stages import default_detector_factory
     from grit_pipeline.text import load_spacy
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    env = hub_environment(cfg)
+    env = hub_environment(cfg) if env is None else env
     os.environ.update(env)
     nlp = load_spacy(cfg.text.spacy_model)
     detector = (detector_factory or default_detector_factory)(cfg)
@@ -42,16 +45,57 @@ def _preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | 
     }
 
 
+def refusal(exc: Exception) -> str:
+    """The message of a failed preflight or opening task: the task's own error, not Ray's wrapping of it."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
+
+
 def preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None) -> dict[str, Any]:
+    """The preflight, waited for: its result, or :class:`BuildRefused` with the loader's message."""
     import ray
 
-    task = ray.remote(num_cpus=0, max_retries=0)(_preflight)
     try:
-        return ray.get(task.remote(cfg, detector_factory))
+        return ray.get(start_preflight(cfg, detector_factory, None))
     except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        message = str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
-        raise BuildRefused(message) from None
+        raise BuildRefused(refusal(exc)) from None
+
+
+def start_preflight(cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None, env: dict[str, str] | None):
+    """The preflight as a running task (its ObjectRef), so the stages' actors can start beside it."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_retries=0)(_preflight).remote(cfg, detector_factory, env)
+
+
+def worker_environment(cfg: GritConfig) -> dict[str, str]:
+    """What :func:`grit_pipeline.cluster.hub_environment` says on a worker (the workers load the models, and their
+    network is what counts), asked before any actor starts."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0, max_retries=0)(hub_environment).remote(cfg))
+
+
+def _open_output(
+    info: dict[str, Any], store: OutputStore, cfg: GritConfig, inputs: list[str], old: dict[str, Any] | None, run: str
+) -> dict[str, Any]:
+    """Runs as a Ray task once the preflight has passed (``info`` is its result): refuse settings that differ from
+    the output's (:class:`ManifestMismatch`), else write the manifest (``running``) and make the run's folder. Until
+    this returns nothing has touched the output; the stages read no input before it (``build_dataset``'s
+    ``start_after``), so no worker writes before it either."""
+    settings = result_settings(cfg, info["detector"], info["spacy_model"])
+    changed = check_results(old, settings, cfg.output.overwrite_config, store.url)
+    manifest = new_manifest(cfg, inputs, info["detector"], info["spacy_model"], old, changed)
+    write_manifest(store, manifest)
+    store.make_dir(run_dir(run))  # the workers write in it, never create it (OutputStore.write_bytes)
+    return {"info": info, "manifest": manifest}
+
+
+def start_opening(preflight_ref, store: OutputStore, cfg: GritConfig, inputs: list[str], old, run: str):
+    """:func:`_open_output` as a task that runs when the preflight task has returned (its ObjectRef)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_retries=0)(_open_output).remote(preflight_ref, store, cfg, inputs, old, run)
 
 
 def build_dataset(
@@ -60,12 +104,14 @@ def build_dataset(
     detector_factory: Callable[[GritConfig], Any] | None = None,
     num_gpus: float | None = None,
     env: dict[str, str] | None = None,
+    start_after=None,
 ):
     """The Ray Data plan: the input units through every stage of ``grit_pipeline.stages.STAGES``, in order.
 
     Each stage's pool size, CPUs, GPUs and batch size come from ``ray.stages.<name>`` over its declared defaults;
     ``num_gpus`` is what ``num_gpus: -1`` stands for (default: one where the cluster has GPUs). A pool whose actors
     cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever.
+    ``start_after`` (an ObjectRef): the read tasks wait for it and fail if it failed, while the actor pools start.
     """
     import ray
 
@@ -77,13 +123,16 @@ def build_dataset(
         detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
     )
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    # Each stage's blocks are cut to the next step's batch size, so every actor of the next pool gets work.
-    next_batch = [s.resources_for(cfg).batch_size for s in STAGES[1:]] + [cfg.output.write_resources().batch_size]
+    # Each stage's blocks are cut to the next step's batch size where that step has several workers, so each gets
+    # work. A cut is a task of its own per block (Ray Data fuses none after an actor pool), so none where the next
+    # step has one worker: it takes the blocks whole, whatever their size.
+    steps = [s.resources_for(cfg) for s in STAGES[1:]] + [cfg.output.write_resources()]
+    next_batch = [r.batch_size if r.actors > 1 else 0 for r in steps]
     for i, stage in enumerate(STAGES):
         later = {reason for s in STAGES[i + 1 :] for reason in s.reconsiders}
         ds = add_stage(
             ds, stage, cfg, context, max_tasks=len(units), block_rows=next_batch[i], final=i == len(STAGES) - 1,
-            keep_image_for=tuple(later),
+            keep_image_for=tuple(later), start_after=start_after if i == 0 else None,
         )  # fmt: skip
     return ds
 

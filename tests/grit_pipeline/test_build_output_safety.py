@@ -140,6 +140,35 @@ def test_a_build_that_does_not_start_leaves_the_output_as_it_found_it(
     assert tree(out) == before
 
 
+def test_on_the_embedded_ray_a_build_refused_while_its_stages_start_leaves_the_output_as_it_found_it(
+    reference_build, reference_input, build_overrides, tmp_path
+):
+    """Without a cluster the stages' actors start beside the preflight and the opening of the output: a refusal
+    found by either (a missing model, other settings) still leaves every byte as it was."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # grit build starts its own local Ray
+
+    def build(out: Path, extra: list[str]) -> tuple[int, str]:
+        args = build_args(reference_input, out, build_overrides, extra)
+        proc = subprocess.run(
+            [sys.executable, "-m", "grit_pipeline", "build", *args],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        return proc.returncode, proc.stdout + proc.stderr
+
+    out = tmp_path / "out"
+    shutil.copytree(reference_build, out)
+    before = tree(out)
+    code, text = build(out, ["detector.nms_iou=0.3"])
+    assert code == 2 and "built with other settings" in text and "detector.nms_iou" in text, text
+    assert tree(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = tmp_path / "no-such-model"
+    code, text = build(empty, [f"detector.model={missing}"])
+    assert code == 2 and str(missing) in text, text
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
 def _start_slow_build(ray_address: str, args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "grit_pipeline", "build", *args],

@@ -159,3 +159,55 @@ def test_stage_settings_are_checked_against_the_list():
         validate_settings(cfg)
     assert "ray.stages.texts: no such stage (stages: read, text, decode, grounding)" in str(err.value)
     assert "ray.stages.grounding: actors and batch_size must be >= 1" in str(err.value)
+
+
+def test_the_read_tasks_wait_for_start_after_and_fail_when_it_failed(
+    ray_session, build_overrides, tmp_path, monkeypatch
+):
+    """``start_after``: nothing is read before that task has returned, and nothing at all where it failed (the
+    embedded local Ray starts the actor pools beside the preflight and the opening of the output)."""
+    import os
+    import shutil
+    import time
+
+    import ray
+
+    from tests.grit_pipeline.conftest import make_reference_input
+
+    cfg = load_config(GritConfig, None, build_overrides)
+    files = resolve_inputs(make_reference_input(tmp_path / "in"))
+    units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
+    # Each input file is empty until the task the reads wait for puts its content in place: a read before it
+    # returns would find no samples.
+    real = tmp_path / "real"
+    real.mkdir()
+    for f in files:
+        shutil.move(f.path, real / os.path.basename(f.path))
+        open(f.path, "wb").close()
+
+    @ray.remote(num_cpus=0)
+    def opening(seconds: float, fail: bool) -> None:
+        time.sleep(seconds)
+        if fail:
+            raise ValueError("the output holds shards built with other settings")
+        for f in files:
+            shutil.copyfile(real / os.path.basename(f.path), f.path + ".part")
+            os.replace(f.path + ".part", f.path)
+
+    def plan(start_after):
+        ds = build_dataset(cfg, units, num_gpus=0, start_after=start_after)
+        # As on the embedded local Ray: the pools start asynchronously, so the read tasks start at once.
+        monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", -1)
+        return ds
+
+    seen = []
+    with pytest.raises(Exception) as err:
+        seen.extend(
+            r for b in plan(opening.remote(0.0, True)).iter_batches(batch_format="pyarrow") for r in b.to_pylist()
+        )
+    assert "NotStarted" in str(err.value) or "not started" in str(err.value)
+    assert not seen and all(os.path.getsize(f.path) == 0 for f in files)  # the failed task put nothing in place
+
+    rows = [r for b in plan(opening.remote(3.0, False)).iter_batches(batch_format="pyarrow") for r in b.to_pylist()]
+    samples = [r for r in rows if r["kind"] == "sample"]
+    assert len(samples) == 29 and all(r["status"] != "dropped" or r["drop_reason"] != "bad_input" for r in samples)
