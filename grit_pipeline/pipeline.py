@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from grit_pipeline.assembly_tasks import AssemblyTasks
 from grit_pipeline.cluster import (
     StageDemand,
     actor_start_timeout,
@@ -64,13 +65,11 @@ from grit_pipeline.plan import (
 )
 from grit_pipeline.progress import Progress, merge_stats, summary_table
 from grit_pipeline.readers import InputError, InputFile, resolve_inputs
-from grit_pipeline.shard_tracker import ReadyShard, ShardTracker
+from grit_pipeline.shard_tracker import ShardTracker
 from grit_pipeline.writer import (
     ShardWriteError,
-    assemble_shard,
     run_dir,
     scan_complete,
-    shard_name,
     stale_runs,
 )
 
@@ -191,58 +190,6 @@ def _signals_interrupt():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
-class _Assembler:
-    """Launches shard assembly tasks on the workers and collects their results (driver side)."""
-
-    def __init__(self, cfg: GritConfig, store: OutputStore, run: str, paths: list[str]):
-        import ray
-
-        opts: dict[str, Any] = {"num_cpus": cfg.output.write_resources().num_cpus, "max_retries": 3}
-        if cfg.output.ray_resources:
-            opts["resources"] = dict(cfg.output.ray_resources)
-        self.remote = ray.remote(**opts)(assemble_shard)
-        self.cfg, self.store, self.run, self.paths = cfg, store, run, paths
-        self.in_flight: dict[Any, tuple[int, int]] = {}
-
-    def launch(self, shard: ReadyShard, id_type: str) -> None:
-        ref = self.remote.remote(
-            self.store, self.run, shard.file_index, shard.block, self.cfg.output.samples_per_shard, shard.expected,
-            shard.fragments, self.paths[shard.file_index], id_type, shard.last_block, shard.file_total,
-        )  # fmt: skip
-        self.in_flight[ref] = (shard.file_index, shard.block)
-
-    def finished(self, timeout: float = 0.0) -> list[tuple[tuple[int, int], dict[str, Any]]]:
-        """Results of the tasks done within ``timeout`` seconds; a task's error is raised (ShardWriteError)."""
-        import ray
-
-        if not self.in_flight:
-            return []
-        done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout)
-        out = []
-        for ref in done:
-            key = self.in_flight.pop(ref)
-            try:
-                out.append((key, ray.get(ref)))
-            except ray.exceptions.RayTaskError as exc:
-                cause = getattr(exc, "cause", None) or exc
-                where = getattr(cause, "filename", None) or self.store.url
-                text = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1]
-                raise ShardWriteError(
-                    f"writing shard {shard_name(*key)} to {self.store.url} failed: {type(cause).__name__}: {text} "
-                    f"({where}). No shard was marked complete by the failed write. Fix the cause (space, "
-                    "permissions, credentials) and run the same command again to resume."
-                ) from None
-        return out
-
-    def cancel(self) -> None:
-        import ray
-
-        for ref in list(self.in_flight):
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=False)
-        self.in_flight.clear()
-
-
 @dataclass
 class _Run:
     """What the clean-up of a build needs to know, whatever point it reached."""
@@ -254,7 +201,7 @@ class _Run:
     run_id: str = ""
     started: bool = False  # the manifest was written: from here on the output is this build's
     tracker: ShardTracker | None = None
-    assembler: _Assembler | None = None
+    assembler: AssemblyTasks | None = None
     complete_stats: list[dict[str, Any]] = field(default_factory=list)
     preflight: Any = None  # ObjectRef of the preflight task
     opening: Any = None  # ObjectRef of the task that opens the output once the preflight has passed
@@ -344,7 +291,7 @@ def run_build(
                     info = _await_start(st)
                 batches: Any = iter(())
                 if units:
-                    st.assembler = assembler = _Assembler(cfg, store, st.run_id, paths)
+                    st.assembler = assembler = AssemblyTasks(cfg, store, st.run_id, paths)
                     ds = build_dataset(cfg, units, detector_factory, num_gpus, env, start_after=st.opening)
                     ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks)
                     _say(stream, "starting the stages' actors")
