@@ -171,8 +171,9 @@ def add_stage(
 
 
 def _cap_blocks(ds, block_rows: int):
-    """Blocks of at most ``block_rows`` rows. Ray Data fuses this streaming repartition into the stage's own tasks
-    (no extra task, no barrier): the stage's output is cut into blocks as it is produced."""
+    """Blocks of at most ``block_rows`` rows (0: as they come). A streaming repartition: no barrier, but after an
+    actor pool Ray Data fuses it into nothing, so it runs as a task of its own per block (``build_dataset`` cuts
+    only before a step of several workers)."""
     if block_rows <= 0:
         return ds
     try:
