@@ -12,10 +12,11 @@ initialised in this process (tests, notebooks), that session is used and left ru
 
 Before any input is read, one Ray task loads the spaCy pipeline and builds the detector, so a missing model stops
 the build at once with the loader's message; once it has returned, a second task compares the settings with the
-output's manifest (refusing other ones), writes the manifest and makes the run's folder. The read tasks wait for
-that task; on the embedded local Ray the stages' actors start beside the preflight. The output is any fsspec
-location (``output_store.OutputStore``); the workers write to it directly, the driver only writes the manifest and
-holds the output's lease (``output_lock.OutputLease``). A build that does not start leaves the output as it found it.
+output's manifest (refusing other ones), writes the manifest and makes the run's folder. The write tasks wait for
+that task; on the embedded local Ray the stages' actors start beside the preflight and work meanwhile. The output
+is any fsspec location (``output_store.OutputStore``); the workers write to it directly, the driver only writes the
+manifest and holds the output's lease (``output_lock.OutputLease``). A build that does not start leaves the output
+as it found it.
 """
 
 from __future__ import annotations
@@ -284,16 +285,17 @@ def run_build(
                     cfg.output.progress_interval_s, len(complete), resumed.get("input", 0), stream, total_samples=total
                 )
                 # On the embedded local Ray the pools start together and asynchronously: they start now, beside the
-                # preflight, and the read tasks wait for the opening. On a cluster Ray Data starts the pools one by
-                # one and blocks meanwhile, so the opening (which may refuse) is waited for first.
+                # preflight, the stages read and work meanwhile, and the write tasks wait for the opening. On a
+                # cluster Ray Data starts the pools one by one and blocks meanwhile, so the opening (which may
+                # refuse) is waited for first.
                 overlap = bool(units) and actor_start_timeout(cfg) < 0
                 if not overlap:
                     info = _await_start(st)
                 batches: Any = iter(())
                 if units:
                     st.assembler = assembler = AssemblyTasks(cfg, store, st.run_id, paths)
-                    ds = build_dataset(cfg, units, detector_factory, num_gpus, env, start_after=st.opening)
-                    ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks)
+                    ds = build_dataset(cfg, units, detector_factory, num_gpus, env)
+                    ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks, start_after=st.opening)
                     _say(stream, "starting the stages' actors")
                     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
                 if overlap:
@@ -473,8 +475,8 @@ def _await_start(st: _Run) -> dict[str, Any]:
 
 
 def _first_batch(st: _Run, batches):
-    """``batches`` with its first batch already taken: it comes once the output is opened, as the read tasks wait
-    for that. A failed preflight or opening fails the read tasks too: that failure is raised as the refusal it is."""
+    """``batches`` with its first batch already taken: it comes once the output is opened, as the write tasks wait
+    for that. A failed preflight or opening fails the write tasks too: that failure is raised as the refusal it is."""
     try:
         first = next(batches)
     except StopIteration:

@@ -1,6 +1,6 @@
 """The Ray Data plan of ``grit build``: settings refused before anything starts, the preflight task that loads the
 models once, the task that opens the output once the preflight has passed, the input units through every stage of
-``grit_pipeline.stages.STAGES``, and the workers' fragment writing appended to it."""
+``grit_pipeline.stages.STAGES``, and the workers' fragment writing appended to it (which waits for that opening)."""
 
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def _open_output(
 ) -> dict[str, Any]:
     """Runs as a Ray task once the preflight has passed (``info`` is its result): refuse settings that differ from
     the output's (:class:`ManifestMismatch`), else write the manifest (``running``) and make the run's folder. Until
-    this returns nothing has touched the output; the stages read no input before it (``build_dataset``'s
-    ``start_after``), so no worker writes before it either."""
+    this returns nothing has touched the output; the write tasks wait for it (``attach_writer``'s ``start_after``).
+    """
     settings = result_settings(cfg, info["detector"], info["spacy_model"])
     changed = check_results(old, settings, cfg.output.overwrite_config, store.url)
     manifest = new_manifest(cfg, inputs, info["detector"], info["spacy_model"], old, changed)
@@ -104,14 +104,12 @@ def build_dataset(
     detector_factory: Callable[[GritConfig], Any] | None = None,
     num_gpus: float | None = None,
     env: dict[str, str] | None = None,
-    start_after=None,
 ):
     """The Ray Data plan: the input units through every stage of ``grit_pipeline.stages.STAGES``, in order.
 
     Each stage's pool size, CPUs, GPUs and batch size come from ``ray.stages.<name>`` over its declared defaults;
     ``num_gpus`` is what ``num_gpus: -1`` stands for (default: one where the cluster has GPUs). A pool whose actors
     cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever.
-    ``start_after`` (an ObjectRef): the read tasks wait for it and fail if it failed, while the actor pools start.
     """
     import ray
 
@@ -123,18 +121,30 @@ def build_dataset(
         detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
     )
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    # Each stage's blocks are cut to the next step's batch size where that step has several workers, so each gets
-    # work. A cut is a task of its own per block (Ray Data fuses none after an actor pool), so none where the next
-    # step has one worker: it takes the blocks whole, whatever their size.
-    steps = [s.resources_for(cfg) for s in STAGES[1:]] + [cfg.output.write_resources()]
-    next_batch = [r.batch_size if r.actors > 1 else 0 for r in steps]
+    cuts = block_cuts([s.resources_for(cfg) for s in STAGES] + [cfg.output.write_resources()])
     for i, stage in enumerate(STAGES):
         later = {reason for s in STAGES[i + 1 :] for reason in s.reconsiders}
         ds = add_stage(
-            ds, stage, cfg, context, max_tasks=len(units), block_rows=next_batch[i], final=i == len(STAGES) - 1,
-            keep_image_for=tuple(later), start_after=start_after if i == 0 else None,
+            ds, stage, cfg, context, max_tasks=len(units), block_rows=cuts[i], final=i == len(STAGES) - 1,
+            keep_image_for=tuple(later),
         )  # fmt: skip
     return ds
+
+
+def block_cuts(steps: list) -> list[int]:
+    """Rows per block to cut each step's output to (0: no cut), from the steps' resources (the stages, then the
+    writer). A step's blocks hold at least its batch size (Ray Data bundles smaller ones up to it) and at most what
+    it was given. A block goes whole to one worker of the next step, so blocks larger than that step's batch are cut
+    to it where the step has several workers, so that each gets work. No other cut: each is a task of its own per
+    block (Ray Data fuses none after an actor pool), and the next step bundles small blocks up to its batch itself.
+    """
+    cuts, rows = [], 0
+    for step, after in zip(steps, steps[1:]):
+        rows = max(rows, step.batch_size)
+        cut = after.batch_size if after.actors > 1 and rows > after.batch_size else 0
+        rows = cut or rows
+        cuts.append(cut)
+    return cuts
 
 
 def validate_settings(cfg: GritConfig) -> None:
@@ -163,16 +173,37 @@ def validate_settings(cfg: GritConfig) -> None:
         raise BuildRefused("; ".join(problems))
 
 
-def attach_writer(ds, store: OutputStore, run: str, cfg: GritConfig, skip_blocks: frozenset):
-    """Append the workers' fragment writing to the plan: rows in, one small metadata row per fragment out."""
+class NotStarted(RuntimeError):
+    """What a write task raises when the task it waits for (the opening of the output) failed: the build did not
+    start, and nothing was written."""
+
+
+def _write_once_started(batch, start_after=None, **kwargs):
+    """:func:`~grit_pipeline.writer.write_fragments`, once the task ``start_after`` (an ObjectRef) has returned."""
+    if start_after is not None:
+        import ray
+
+        try:
+            ray.get(start_after)
+        except ray.exceptions.RayError as exc:
+            raise NotStarted(f"not started: {type(exc).__name__}") from None
+    return write_fragments(batch, **kwargs)
+
+
+def attach_writer(ds, store: OutputStore, run: str, cfg: GritConfig, skip_blocks: frozenset, start_after=None):
+    """Append the workers' fragment writing to the plan: rows in, one small metadata row per fragment out.
+
+    ``start_after`` (the opening task's ObjectRef): the write tasks wait for it and fail if it failed, so no worker
+    writes before the output is opened, while the stages before them read and work meanwhile.
+    """
     import ray
 
     res = cfg.output.write_resources()
     extra = {"resources": dict(cfg.output.ray_resources)} if cfg.output.ray_resources else {}
     return ds.map_batches(
-        write_fragments,
+        _write_once_started,
         fn_kwargs={"store": store, "run": run, "samples_per_shard": cfg.output.samples_per_shard,
-                   "skip_blocks": skip_blocks},
+                   "skip_blocks": skip_blocks, "start_after": start_after},
         batch_size=res.batch_size,
         batch_format="pyarrow",
         num_cpus=res.num_cpus,

@@ -102,22 +102,7 @@ class StageRunner:
             yield batch
 
 
-class NotStarted(RuntimeError):
-    """What a read task raises when the task it waits for (``start_after``) failed: the build did not start."""
-
-
-def _wait_for(ref) -> None:
-    import ray
-
-    try:
-        ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        raise NotStarted(f"not started: {type(exc).__name__}") from None
-
-
-def _read_units(units: pa.Table, runner_args: dict[str, Any], start_after=None) -> Iterator[pa.Table]:
-    if start_after is not None:
-        _wait_for(start_after)  # nothing is read before the build has started (it may be refused)
+def _read_units(units: pa.Table, runner_args: dict[str, Any]) -> Iterator[pa.Table]:
     runner = StageRunner(**runner_args)  # per task: reading has no model to keep between files
     schema = with_fields(WORK_SCHEMA, runner.stage.fields())
     for unit in units.to_pylist():
@@ -132,7 +117,6 @@ def add_stage(
     context: BuildContext,
     max_tasks: int = 0,
     block_rows: int = 0,
-    start_after=None,
     **runner_args,
 ):
     """``ds`` with ``stage_cls`` applied, sized by the stage's resources under ``cfg``.
@@ -140,8 +124,7 @@ def add_stage(
     ``max_tasks`` caps a source stage's concurrent tasks (the number of units); ``num_gpus: -1`` resolves to
     ``context.auto_gpus``. ``block_rows`` (the next step's batch size) caps the rows of each block the stage puts
     out: Ray Data otherwise joins a task's batches into blocks of up to 128 MiB, and one such block goes to one
-    actor of the next pool, so a pool of several actors would work on one block at a time. ``start_after`` (an
-    ObjectRef; source stages only): the read tasks wait for it, and fail if it failed.
+    actor of the next pool, so a pool of several actors would work on one block at a time.
     """
     import ray
 
@@ -150,7 +133,7 @@ def add_stage(
     if issubclass(stage_cls, SourceStage):
         ds = ds.map_batches(
             _read_units,
-            fn_kwargs={"runner_args": args, "start_after": start_after},
+            fn_kwargs={"runner_args": args},
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=res.num_cpus,

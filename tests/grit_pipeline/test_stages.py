@@ -161,53 +161,80 @@ def test_stage_settings_are_checked_against_the_list():
     assert "ray.stages.grounding: actors and batch_size must be >= 1" in str(err.value)
 
 
-def test_the_read_tasks_wait_for_start_after_and_fail_when_it_failed(
-    ray_session, build_overrides, tmp_path, monkeypatch
-):
-    """``start_after``: nothing is read before that task has returned, and nothing at all where it failed (the
-    embedded local Ray starts the actor pools beside the preflight and the opening of the output)."""
-    import os
-    import shutil
+def _writer_job(spec_file: str) -> None:
+    """One job of the test below, as a driver of its own joined to the test's Ray (``RAY_ADDRESS``): its actors go
+    when it exits, also those of a pool a failure stopped while they were starting. Prints the writer's rows, or the
+    job's error, as one line of JSON."""
     import time
+    from pathlib import Path
 
     import ray
 
-    from tests.grit_pipeline.conftest import make_reference_input
+    from grit_pipeline.output_store import OutputStore
+    from grit_pipeline.plan import attach_writer
+    from grit_pipeline.writer import run_dir
 
-    cfg = load_config(GritConfig, None, build_overrides)
-    files = resolve_inputs(make_reference_input(tmp_path / "in"))
-    units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
-    # Each input file is empty until the task the reads wait for puts its content in place: a read before it
-    # returns would find no samples.
-    real = tmp_path / "real"
-    real.mkdir()
-    for f in files:
-        shutil.move(f.path, real / os.path.basename(f.path))
-        open(f.path, "wb").close()
+    spec = json.loads(Path(spec_file).read_text())
+    ray.init(logging_level="WARNING", log_to_driver=False)
+    cfg = load_config(GritConfig, None, spec["overrides"])
+    store = OutputStore(spec["out"])
 
     @ray.remote(num_cpus=0)
-    def opening(seconds: float, fail: bool) -> None:
+    def opening(seconds: float, fail: bool, run: str) -> None:
         time.sleep(seconds)
         if fail:
             raise ValueError("the output holds shards built with other settings")
-        for f in files:
-            shutil.copyfile(real / os.path.basename(f.path), f.path + ".part")
-            os.replace(f.path + ".part", f.path)
+        store.make_dir(run_dir(run))  # as the real opening does: the workers never create the run's folder
 
-    def plan(start_after):
-        ds = build_dataset(cfg, units, num_gpus=0, start_after=start_after)
-        # As on the embedded local Ray: the pools start asynchronously, so the read tasks start at once.
-        monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", -1)
-        return ds
+    ds = build_dataset(cfg, spec["units"], num_gpus=0)
+    # As on the embedded local Ray: the pools start asynchronously, so the stages start working at once.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = -1
+    start = opening.remote(spec["seconds"], spec["fail"], spec["run"])
+    ds = attach_writer(ds, store, spec["run"], cfg, frozenset(), start_after=start)
+    try:
+        result = {"rows": [r for b in ds.iter_batches(batch_format="pyarrow") for r in b.to_pylist()]}
+    except Exception as exc:  # noqa: BLE001 - what the job raised, whatever Ray wraps it in
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print("RESULT " + json.dumps(result), flush=True)
 
-    seen = []
-    with pytest.raises(Exception) as err:
-        seen.extend(
-            r for b in plan(opening.remote(0.0, True)).iter_batches(batch_format="pyarrow") for r in b.to_pylist()
-        )
-    assert "NotStarted" in str(err.value) or "not started" in str(err.value)
-    assert not seen and all(os.path.getsize(f.path) == 0 for f in files)  # the failed task put nothing in place
 
-    rows = [r for b in plan(opening.remote(3.0, False)).iter_batches(batch_format="pyarrow") for r in b.to_pylist()]
-    samples = [r for r in rows if r["kind"] == "sample"]
-    assert len(samples) == 29 and all(r["status"] != "dropped" or r["drop_reason"] != "bad_input" for r in samples)
+def test_the_write_tasks_wait_for_start_after_and_fail_when_it_failed(ray_session, build_overrides, tmp_path):
+    """``attach_writer``'s ``start_after`` (the opening of the output): no fragment is written before that task has
+    returned, and none at all where it failed, while the stages before the writer read and work meanwhile (the
+    embedded local Ray starts the actor pools beside the preflight and the opening)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.grit_pipeline.conftest import make_reference_input, subprocess_env
+
+    files = resolve_inputs(make_reference_input(tmp_path / "in"))
+    units = [{"index": f.index, "path": f.path, "format": f.format, "skip": 0} for f in files]
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[2]
+
+    def job(seconds: float, fail: bool, run: str) -> dict:
+        spec = tmp_path / f"{run}.json"
+        spec.write_text(json.dumps({"overrides": build_overrides, "units": units, "out": str(out), "run": run,
+                                    "seconds": seconds, "fail": fail}))  # fmt: skip
+        code = f"from tests.grit_pipeline.test_stages import _writer_job; _writer_job({str(spec)!r})"
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, env=subprocess_env(ray_session), capture_output=True, text=True,
+            timeout=240,
+        )  # fmt: skip
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(lines[-1][len("RESULT ") :])
+
+    # A write before the opening returned would fail on the missing run folder, with another error.
+    failed = job(0.0, True, "a" * 32)
+    assert "not started" in failed.get("error", "").lower(), failed
+    assert os.listdir(out) == []  # nothing written where the opening failed
+
+    done = job(3.0, False, "b" * 32)
+    assert "rows" in done, done
+    fragments = [r for r in done["rows"] if r["kind"] == "fragment"]
+    assert sum(r["samples"] for r in fragments) == 29 and not any(r["bad_input"] for r in fragments)
+    assert all(os.path.isfile(out / r["path"]) for r in fragments)
