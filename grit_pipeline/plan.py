@@ -178,15 +178,20 @@ class NotStarted(RuntimeError):
     start, and nothing was written."""
 
 
+_STARTED: set[str] = set()  # the opening tasks this worker process has seen return (a process runs many write tasks)
+
+
 def _write_once_started(batch, start_after=None, **kwargs):
-    """:func:`~grit_pipeline.writer.write_fragments`, once the task ``start_after`` (an ObjectRef) has returned."""
-    if start_after is not None:
+    """:func:`~grit_pipeline.writer.write_fragments`, once the task ``start_after`` (an ObjectRef) has returned.
+    Its result (the manifest among it) is fetched once per worker process, not once per batch."""
+    if start_after is not None and start_after.hex() not in _STARTED:
         import ray
 
         try:
             ray.get(start_after)
         except ray.exceptions.RayError as exc:
             raise NotStarted(f"not started: {type(exc).__name__}") from None
+        _STARTED.add(start_after.hex())
     return write_fragments(batch, **kwargs)
 
 
