@@ -10,10 +10,11 @@ Ray: ``ray.address`` or ``RAY_ADDRESS`` joins a cluster (``ray job submit`` sets
 Ray is started, sized to hold every stage's actors (dashboard off) and shut down at the end. If Ray is already
 initialised in this process (tests, notebooks), that session is used and left running.
 
-Before any input is read, one Ray task loads the spaCy pipeline and builds the detector, so a missing model stops
-the build at once with the loader's message; once it has returned, a second task compares the settings with the
-output's manifest (refusing other ones), writes the manifest and makes the run's folder. The write tasks wait for
-that task; on the embedded local Ray the stages' actors start beside the preflight and work meanwhile. The output
+On a cluster, before any input is read, one Ray task loads the spaCy pipeline and builds the detector, so a missing
+model stops the build at once with the loader's message; once it has returned, a second task compares the settings
+with the output's manifest (refusing other ones), writes the manifest and makes the run's folder. On the embedded
+local Ray the stages' actors load the models instead and report them to a ``plan.StartGate``, which opens the output
+once both are in; the stages read and work meanwhile. The write tasks wait for the opening either way. The output
 is any fsspec location (``output_store.OutputStore``); the workers write to it directly, the driver only writes the
 manifest and holds the output's lease (``output_lock.OutputLease``). A build that does not start leaves the output
 as it found it.
@@ -55,10 +56,12 @@ from grit_pipeline.outcome import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_R
 from grit_pipeline.output_lock import LOCK_NAME, LeaseLost, OutputLease, OutputLocked
 from grit_pipeline.output_store import TMP_ROOT, OutputStore
 from grit_pipeline.plan import (
+    StartAbandoned,
     attach_writer,
     build_dataset,
     preflight,
     refusal,
+    start_gate,
     start_opening,
     start_preflight,
     validate_settings,
@@ -204,8 +207,9 @@ class _Run:
     tracker: ShardTracker | None = None
     assembler: AssemblyTasks | None = None
     complete_stats: list[dict[str, Any]] = field(default_factory=list)
-    preflight: Any = None  # ObjectRef of the preflight task
-    opening: Any = None  # ObjectRef of the task that opens the output once the preflight has passed
+    preflight: Any = None  # ObjectRef of the preflight task (a cluster, or nothing to read)
+    gate: Any = None  # the StartGate actor (the embedded local Ray): the stages' actors are the preflight
+    opening: Any = None  # ObjectRef of the opening of the output, once the preflight has passed
     settled: bool = False  # _settle_start ran
 
 
@@ -258,12 +262,14 @@ def run_build(
                 check_capacity(cfg, num_gpus)
                 _check_stop()
                 env = worker_environment(cfg)
-                _say(stream, "loading the spaCy pipeline and the detector (preflight)")
-                # From here until the opening task returns, two tasks may touch the output: the driver waits for
-                # them on every way out (_settle_start) before it answers.
+                # From here until the opening returns, it may touch the output: the driver waits for it on every
+                # way out (_settle_start) before it answers.
                 st.run_id = uuid.uuid4().hex
-                st.preflight = start_preflight(cfg, detector_factory, env)
-                st.opening = start_opening(st.preflight, store, cfg, paths, old, st.run_id)
+                embedded = actor_start_timeout(cfg) < 0
+                if not embedded:
+                    _say(stream, "loading the spaCy pipeline and the detector (preflight)")
+                    st.preflight = start_preflight(cfg, detector_factory, env)
+                    st.opening = start_opening(st.preflight, store, cfg, paths, old, st.run_id)
 
                 # Read-only until the output is opened: what is complete, and so what is left to read.
                 n = cfg.output.samples_per_shard
@@ -284,19 +290,28 @@ def run_build(
                 progress = Progress(
                     cfg.output.progress_interval_s, len(complete), resumed.get("input", 0), stream, total_samples=total
                 )
-                # On the embedded local Ray the pools start together and asynchronously: they start now, beside the
-                # preflight, the stages read and work meanwhile, and the write tasks wait for the opening. On a
-                # cluster Ray Data starts the pools one by one and blocks meanwhile, so the opening (which may
-                # refuse) is waited for first.
-                overlap = bool(units) and actor_start_timeout(cfg) < 0
+                # On the embedded local Ray the pools start together and asynchronously: the stages' actors load
+                # spaCy and the detector and report to the gate, which opens the output once both are in (no
+                # preflight task loads them once more); the stages read and work meanwhile, and the write tasks
+                # wait for the opening. On a cluster Ray Data starts the pools one by one and blocks meanwhile, so
+                # the preflight task and the opening (which may refuse) are waited for first.
+                overlap = bool(units) and embedded
+                if overlap:
+                    _say(stream, "starting the stages' actors (they load the spaCy pipeline and the detector)")
+                    st.gate, st.opening = start_gate(store, cfg, paths, old, st.run_id, env)
+                elif embedded:  # nothing to read: no stage starts, so the preflight task checks the models
+                    _say(stream, "loading the spaCy pipeline and the detector (preflight)")
+                    st.preflight = start_preflight(cfg, detector_factory, env)
+                    st.opening = start_opening(st.preflight, store, cfg, paths, old, st.run_id)
                 if not overlap:
                     info = _await_start(st)
                 batches: Any = iter(())
                 if units:
                     st.assembler = assembler = AssemblyTasks(cfg, store, st.run_id, paths)
-                    ds = build_dataset(cfg, units, detector_factory, num_gpus, env)
+                    ds = build_dataset(cfg, units, detector_factory, num_gpus, env, gate=st.gate)
                     ds = attach_writer(ds, store, st.run_id, cfg, skip_blocks, start_after=st.opening)
-                    _say(stream, "starting the stages' actors")
+                    if not overlap:
+                        _say(stream, "starting the stages' actors")
                     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
                 if overlap:
                     batches = _first_batch(st, batches)
@@ -467,6 +482,8 @@ def _await_start(st: _Run) -> dict[str, Any]:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, OSError):  # writing the manifest failed (space, permissions): a failed build
             raise cause from None
+        if isinstance(cause, StartAbandoned):
+            raise StartAbandoned(str(cause)) from None
         if isinstance(cause, ManifestMismatch):
             raise ManifestMismatch(refusal(exc)) from None
         raise BuildRefused(refusal(exc)) from None
@@ -482,7 +499,12 @@ def _first_batch(st: _Run, batches):
     except StopIteration:
         return iter(())
     except Exception:
-        _await_start(st)  # a pool that cannot load its model fails as the preflight does: that refusal is raised
+        if st.gate is not None:
+            st.gate.abandon.remote()  # a model still unreported will not be: the opening gives up
+        # A pool that cannot load its model reported the loader's error: that refusal is raised. A job that failed
+        # before every model was reported (an actor died) ends as that failure, with nothing written.
+        with contextlib.suppress(StartAbandoned):
+            _await_start(st)
         raise
     return itertools.chain([first], batches)
 
@@ -498,19 +520,25 @@ def _mark_started(st: _Run, result: dict[str, Any]) -> None:
 
 def _settle_start(st: _Run, wait_s: float = 30.0) -> None:
     """On a way out before the driver saw the output opened: the opening task must not write after the driver has
-    answered. The preflight is cancelled if it still runs (the opening then never runs); an opening under way is
-    waited for (it takes a moment): if it opened the output, the build counts as started and ends as one."""
+    answered. The preflight is cancelled if it still runs, or the gate told to give up (the opening then never
+    writes); an opening under way is waited for (it takes a moment): if it opened the output, the build counts as
+    started and ends as one."""
     if st.opening is None or st.settled:
         return
     st.settled = True
     import ray
 
     with contextlib.suppress(Exception):
-        if not ray.wait([st.preflight], timeout=0)[0]:
+        if st.gate is not None:
+            st.gate.abandon.remote()  # an opening still waiting for the models gives up
+        elif not ray.wait([st.preflight], timeout=0)[0]:
             ray.cancel(st.preflight, force=True)
     try:
         if not ray.wait([st.opening], timeout=wait_s)[0]:
-            ray.cancel(st.opening, force=True)
+            if st.gate is not None:
+                ray.kill(st.gate)
+            else:
+                ray.cancel(st.opening, force=True)
             return
         result = ray.get(st.opening)
     except Exception:  # noqa: BLE001 - the preflight or the opening failed, or was cancelled: nothing written

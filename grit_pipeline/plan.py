@@ -1,5 +1,6 @@
-"""The Ray Data plan of ``grit build``: settings refused before anything starts, the preflight task that loads the
-models once, the task that opens the output once the preflight has passed, the input units through every stage of
+"""The Ray Data plan of ``grit build``: settings refused before anything starts, the preflight that loads the
+models once (a task of its own on a cluster; on the embedded local Ray the stages' actors, through a
+:class:`StartGate`), the opening of the output once the preflight has passed, the input units through every stage of
 ``grit_pipeline.stages.STAGES``, and the workers' fragment writing appended to it (which waits for that opening)."""
 
 from __future__ import annotations
@@ -16,33 +17,95 @@ from grit_pipeline.output_store import OutputStore
 from grit_pipeline.writer import run_dir, write_fragments
 
 
+def _loading_stages():
+    """The stages whose setup loads a model the manifest records (spaCy, the detector)."""
+    from grit_pipeline.stages import STAGES
+
+    return [stage for stage in STAGES if stage.loads]
+
+
 def _preflight(
     cfg: GritConfig, detector_factory: Callable[[GritConfig], Any] | None, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Runs as a Ray task: load spaCy and build the detector once, so a missing model fails before any input."""
-    from grit_pipeline.stages import default_detector_factory
-    from grit_pipeline.text import load_spacy
+    """Runs as a Ray task: set up each stage that loads a model once (spaCy, the detector), so a missing model
+    fails before any input; what they loaded, as the manifest records it."""
+    from grit_pipeline.stages import BuildContext
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env = hub_environment(cfg) if env is None else env
     os.environ.update(env)
-    nlp = load_spacy(cfg.text.spacy_model)
-    detector = (detector_factory or default_detector_factory)(cfg)
-    detector.setup()  # loads the weights: where they cannot be had, this raises with the loader's message
-    return {
-        "spacy_model": {
-            "name": cfg.text.spacy_model,
-            "pipeline": f"{nlp.meta.get('lang')}_{nlp.meta.get('name')}",
-            "version": nlp.meta.get("version"),
-        },
-        "detector": {
-            "kind": cfg.detector.kind,
-            "model": getattr(detector, "model_id", cfg.detector.model),
-            "random_weights": bool(getattr(detector, "random_weights", False)),
-            "notes": list(getattr(detector, "notes", [])),
-        },
-        "env": env,
-    }
+    context = BuildContext(detector_factory=detector_factory, env=env)
+    info: dict[str, Any] = {}
+    for stage_cls in _loading_stages():
+        stage = stage_cls(cfg, context)
+        stage.setup()  # where a model cannot be had, this raises with the loader's message
+        info.update(stage.loaded())
+    return {**info, "env": env}
+
+
+class StartAbandoned(RuntimeError):
+    """What :meth:`StartGate.open` raises once the driver said the stages stopped before every model was reported:
+    the build did not start, and nothing was written."""
+
+
+class StartGate:
+    """The preflight of the embedded local Ray, done by the stages' own actors (a Ray actor, one per build).
+
+    Each actor of a stage that loads a model reports what its setup loaded, or the loader's error, before it
+    serves (:meth:`report`); :meth:`open` waits until every such model is reported, then opens the output as the
+    opening task does (:func:`_open_output`). A model that cannot be loaded refuses the build with the loader's
+    message and nothing written, as the preflight task does, without loading each model once more in a task of its
+    own. The first report of each model counts (a restarted actor reports again); an error counts only while a
+    model is still unreported. :meth:`abandon` (the driver's, when the job failed or it must stop first) makes a
+    waiting :meth:`open` raise :class:`StartAbandoned` instead.
+    """
+
+    def __init__(self, needs: tuple[str, ...]):
+        import asyncio
+
+        self.needs = needs
+        self.loaded: dict[str, Any] = {}
+        self.error: str | None = None
+        self.abandoned = False
+        self.changed = asyncio.Event()
+
+    def _ready(self) -> bool:
+        return all(k in self.loaded for k in self.needs)
+
+    def report(self, loaded: dict[str, Any], error: str | None = None) -> None:
+        if error is not None and self.error is None and not self._ready():
+            self.error = error
+        for key, value in loaded.items():
+            self.loaded.setdefault(key, value)
+        self.changed.set()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.changed.set()
+
+    async def open(
+        self, store: OutputStore, cfg: GritConfig, inputs: list[str], old: dict[str, Any] | None, run: str, env
+    ) -> dict[str, Any]:
+        while True:
+            if self.error is not None:
+                raise BuildRefused(self.error)
+            if self._ready():
+                break
+            if self.abandoned:
+                raise StartAbandoned("the stages stopped before their models were loaded")
+            self.changed.clear()
+            await self.changed.wait()
+        info = {**{k: self.loaded[k] for k in self.needs}, "env": env}
+        return _open_output(info, store, cfg, inputs, old, run)
+
+
+def start_gate(store: OutputStore, cfg: GritConfig, inputs: list[str], old, run: str, env: dict[str, str]):
+    """A :class:`StartGate` and its opening of the output under way: (the actor, the opening's ObjectRef)."""
+    import ray
+
+    needs = tuple(key for stage in _loading_stages() for key in stage.loads)
+    gate = ray.remote(num_cpus=0, max_restarts=0)(StartGate).remote(needs)
+    return gate, gate.open.remote(store, cfg, inputs, old, run, env)
 
 
 def refusal(exc: Exception) -> str:
@@ -104,12 +167,14 @@ def build_dataset(
     detector_factory: Callable[[GritConfig], Any] | None = None,
     num_gpus: float | None = None,
     env: dict[str, str] | None = None,
+    gate=None,
 ):
     """The Ray Data plan: the input units through every stage of ``grit_pipeline.stages.STAGES``, in order.
 
     Each stage's pool size, CPUs, GPUs and batch size come from ``ray.stages.<name>`` over its declared defaults;
     ``num_gpus`` is what ``num_gpus: -1`` stands for (default: one where the cluster has GPUs). A pool whose actors
-    cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever.
+    cannot all start within ``ray.actor_start_timeout_s`` fails the job instead of waiting for ever. ``gate``: the
+    build's :class:`StartGate`, which the actors of the stages that load a model report to.
     """
     import ray
 
@@ -118,7 +183,10 @@ def build_dataset(
 
     ray.data.DataContext.get_current().wait_for_min_actors_s = actor_start_timeout(cfg)
     context = BuildContext(
-        detector_factory=detector_factory, env=dict(env or {}), auto_gpus=auto_gpus() if num_gpus is None else num_gpus
+        detector_factory=detector_factory,
+        env=dict(env or {}),
+        auto_gpus=auto_gpus() if num_gpus is None else num_gpus,
+        gate=gate,
     )
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     cuts = block_cuts([s.resources_for(cfg) for s in STAGES] + [cfg.output.write_resources()])

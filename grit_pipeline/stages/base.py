@@ -91,6 +91,9 @@ class BuildContext:
     detector_factory: Callable[[GritConfig], Any] | None = None
     env: dict[str, str] = field(default_factory=dict)  # environment for the workers (HF_HUB_OFFLINE)
     auto_gpus: float = 0.0  # what ``num_gpus: -1`` means: 1 where the cluster has GPUs, 0 where it has none
+    # The build's StartGate actor (embedded local Ray): each actor's setup reports to it what it loaded, or how it
+    # failed, and the output is opened once every model is reported (grit_pipeline.plan.StartGate).
+    gate: Any = None
 
 
 def count(row: Row, counts: Mapping[str, int]) -> None:
@@ -145,6 +148,9 @@ class Stage:
     reconsiders: ClassVar[tuple[str, ...]] = ()
     # Columns this stage adds to the work rows beyond WORK_SCHEMA (its ``t_<name>`` seconds column is added for it).
     columns: ClassVar[tuple[pa.Field, ...]] = ()
+    # What the stage's setup loads that the manifest records (keys of ``loaded()``): a model the build cannot run
+    # without, whose failure to load refuses the build before the output is touched.
+    loads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: GritConfig, context: BuildContext | None = None):
         self.cfg = cfg
@@ -166,6 +172,10 @@ class Stage:
 
     def setup(self) -> None:
         """Load models and other state, once per worker, before the first ``process``."""
+
+    def loaded(self) -> dict[str, Any]:
+        """After ``setup``: what it loaded, one entry for each name in ``loads`` (the manifest's description)."""
+        return {}
 
     def process(self, rows: list[Row]) -> Output:
         raise NotImplementedError

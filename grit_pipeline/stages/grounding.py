@@ -41,16 +41,28 @@ class GroundingStage(Stage):
     name = "grounding"
     # num_gpus -1: one GPU per actor where the cluster has GPUs, none (CPU) where it has none.
     resources = StageResources(actors=1, num_cpus=1, num_gpus=-1, batch_size=8)
+    loads = ("detector",)
 
     def setup(self) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bar per actor in the log
-        os.environ.update(self.context.env)  # what the preflight decided (HF_HUB_OFFLINE when the hub is unreachable)
+        os.environ.update(self.context.env)  # HF_HUB_OFFLINE where the hub is unreachable
         self.detector = (self.context.detector_factory or default_detector_factory)(self.cfg)
         self.detector.setup()
         self.batches = 0
         # A replacement for a crashed actor says so once, in the counters of the first sample it handles (the
         # retried batch): the shard stats then show that a restart happened and the job went on.
         self.restart_to_report = self._reconstructed()
+
+    def loaded(self) -> dict[str, Any]:
+        d = self.detector
+        return {
+            "detector": {
+                "kind": self.cfg.detector.kind,
+                "model": getattr(d, "model_id", self.cfg.detector.model),
+                "random_weights": bool(getattr(d, "random_weights", False)),
+                "notes": list(getattr(d, "notes", [])),
+            }
+        }
 
     @staticmethod
     def _reconstructed() -> bool:

@@ -9,6 +9,7 @@ drops, merges what each row counted into ``counters_json``, and marks survivors 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,15 @@ from grit_pipeline.stages.base import (
 )
 
 
+def _report(gate, loaded: dict[str, Any], error: str | None = None) -> None:
+    """Tell the build's StartGate what this actor's setup loaded (or its error), waiting for it to be recorded: an
+    actor that fails must be heard before its failure stops the job."""
+    import ray
+
+    with contextlib.suppress(Exception):  # the gate is gone (the build ended): nothing to tell
+        ray.get(gate.report.remote(loaded, error), timeout=60)
+
+
 class StageRunner:
     """One stage instance plus the plumbing around ``process``; what each actor of a pool holds."""
 
@@ -44,7 +54,15 @@ class StageRunner:
         keep_image_for: tuple[str, ...] = (),
     ):
         self.stage = stage_cls(cfg, context)
-        self.stage.setup()
+        gate = self.stage.context.gate if stage_cls.loads else None
+        try:
+            self.stage.setup()
+        except Exception as exc:
+            if gate is not None:
+                _report(gate, {}, str(exc))
+            raise
+        if gate is not None:
+            _report(gate, self.stage.loaded())
         self.final = final  # the plan's last stage: rows still pending here are kept
         self.keep_image_for = keep_image_for  # drop reasons a later stage reconsiders (it needs the image)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
 
 from grit_pipeline.config import StageResources
 from grit_pipeline.stages.base import Drop, Output, Row, Stage, count
@@ -21,9 +22,15 @@ CAPTION_REASONS = ("missing_caption", "empty_caption", "caption_too_long")
 class CaptionStage(Stage):
     name = "text"
     resources = StageResources(actors=1, num_cpus=1, num_gpus=0, batch_size=256)
+    loads = ("spacy_model",)
 
     def setup(self) -> None:
         self.rules = TextRules(self.cfg.text).setup()
+
+    def loaded(self) -> dict[str, Any]:
+        meta = self.rules.nlp.meta
+        described = {"name": self.cfg.text.spacy_model, "pipeline": f"{meta.get('lang')}_{meta.get('name')}"}
+        return {"spacy_model": {**described, "version": meta.get("version")}}
 
     def process(self, rows: list[Row]) -> Output:
         out = Output()

@@ -143,8 +143,9 @@ def test_a_build_that_does_not_start_leaves_the_output_as_it_found_it(
 def test_on_the_embedded_ray_a_build_refused_while_its_stages_start_leaves_the_output_as_it_found_it(
     reference_build, reference_input, build_overrides, tmp_path
 ):
-    """Without a cluster the stages' actors start beside the preflight and the opening of the output: a refusal
-    found by either (a missing model, other settings) still leaves every byte as it was."""
+    """Without a cluster the stages' actors load the models themselves and the output is opened once they have
+    reported them: a refusal (other settings, a missing detector or spaCy pipeline, found by the actors) still
+    leaves every byte as it was."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # grit build starts its own local Ray
 
     def build(out: Path, extra: list[str]) -> tuple[int, str]:
@@ -166,6 +167,9 @@ def test_on_the_embedded_ray_a_build_refused_while_its_stages_start_leaves_the_o
     missing = tmp_path / "no-such-model"
     code, text = build(empty, [f"detector.model={missing}"])
     assert code == 2 and str(missing) in text, text
+    assert empty.is_dir() and not any(empty.iterdir())
+    code, text = build(empty, ["text.spacy_model=xx_no_such_pipeline"])
+    assert code == 2 and "xx_no_such_pipeline" in text, text
     assert empty.is_dir() and not any(empty.iterdir())
 
 
