@@ -4,6 +4,7 @@ once every model is in; a loader's error refuses, the driver's abandon gives up,
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +24,21 @@ def _open(gate: StartGate, store: OutputStore, cfg: GritConfig):
     return gate.open(store, cfg, ["/in/00000.tar"], None, RUN, {"HF_HUB_OFFLINE": "1"})
 
 
-async def _until_waiting(task: asyncio.Task) -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not task.done(), "the opening must wait for every model"
+def _run(store: OutputStore, cfg: GritConfig, first, then) -> dict:
+    """Open through a new gate: ``first(gate)`` before the opening is seen waiting, ``then(gate)`` after."""
+
+    async def scenario():
+        gate = StartGate(("spacy_model", "detector"))
+        task = asyncio.ensure_future(_open(gate, store, cfg))
+        first(gate)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not task.done(), "the opening must wait for every model"
+        assert not Path(store.url).exists()  # nothing written while a model is unreported
+        then(gate)
+        return await task
+
+    return asyncio.run(scenario())
 
 
 @pytest.fixture
@@ -39,18 +51,12 @@ def setting(tmp_path):
 def test_the_output_opens_once_every_model_is_reported_and_first_reports_count(setting):
     cfg, store, out = setting
 
-    async def scenario():
-        gate = StartGate(("spacy_model", "detector"))
-        task = asyncio.ensure_future(_open(gate, store, cfg))
-        gate.report(SPACY)
-        await _until_waiting(task)
-        assert not out.exists()  # nothing written while the detector is unreported
+    def then(gate):
         gate.report(DETECTOR)
         gate.report({"detector": {**DETECTOR["detector"], "model": "a restarted actor's"}})
         gate.report({}, "OSError: a later error, after every model was in")
-        return await task
 
-    result = asyncio.run(scenario())
+    result = _run(store, cfg, lambda gate: gate.report(SPACY), then)
     assert result["info"] == {**SPACY, **DETECTOR, "env": {"HF_HUB_OFFLINE": "1"}}
     manifest = read_manifest(store)
     assert manifest["status"] == "running" and manifest["detector"]["model"] == "/models/gdino"
@@ -60,31 +66,17 @@ def test_the_output_opens_once_every_model_is_reported_and_first_reports_count(s
 def test_a_loaders_error_refuses_with_its_message_and_writes_nothing(setting):
     cfg, store, out = setting
 
-    async def scenario():
-        gate = StartGate(("spacy_model", "detector"))
-        task = asyncio.ensure_future(_open(gate, store, cfg))
-        gate.report(SPACY)
-        await _until_waiting(task)
+    def then(gate):
         gate.report({}, "cannot load detector weights from '/models/gdino'")
         gate.report(DETECTOR)  # another actor of the pool loaded it: the refusal stands
-        return await task
 
     with pytest.raises(BuildRefused, match="cannot load detector weights from '/models/gdino'"):
-        asyncio.run(scenario())
+        _run(store, cfg, lambda gate: gate.report(SPACY), then)
     assert not out.exists()
 
 
 def test_abandoned_before_every_model_is_in_gives_up_and_writes_nothing(setting):
     cfg, store, out = setting
-
-    async def scenario():
-        gate = StartGate(("spacy_model", "detector"))
-        task = asyncio.ensure_future(_open(gate, store, cfg))
-        gate.report(DETECTOR)
-        await _until_waiting(task)
-        gate.abandon()
-        return await task
-
     with pytest.raises(StartAbandoned):
-        asyncio.run(scenario())
+        _run(store, cfg, lambda gate: gate.report(DETECTOR), lambda gate: gate.abandon())
     assert not out.exists()
