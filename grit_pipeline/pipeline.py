@@ -28,7 +28,6 @@ import logging
 import re
 import signal
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -70,6 +69,7 @@ from grit_pipeline.plan import (
 from grit_pipeline.progress import Progress, merge_stats, summary_table
 from grit_pipeline.readers import InputError, InputFile, resolve_inputs
 from grit_pipeline.shard_tracker import ShardTracker
+from grit_pipeline.stop_signals import BuildInterrupted, catch_signals, check_stop, signals_interrupt, stopped_by
 from grit_pipeline.writer import (
     ShardWriteError,
     run_dir,
@@ -146,54 +146,6 @@ def _say(stream: TextIO, text: str) -> None:
     print(f"grit build: {text}", file=stream, flush=True)
 
 
-class BuildInterrupted(BaseException):
-    """SIGTERM or SIGINT during a build (a BaseException, like KeyboardInterrupt, so no handler swallows it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-_STOP: dict[str, int] = {}  # the first stop signal received during the build: {"signum": N}
-
-
-def _on_signal(signum, frame):
-    # Raising here could land inside a Ray call and be mangled into a SystemError: the first signal only asks the
-    # build to stop (checked after every batch and every second while shards are assembled); a second one insists.
-    if _STOP:
-        raise BuildInterrupted(signum)
-    _STOP["signum"] = signum
-
-
-def _check_stop() -> None:
-    if _STOP:
-        raise BuildInterrupted(_STOP["signum"])
-
-
-def _catch_signals() -> None:
-    """SIGTERM and SIGINT raise :class:`BuildInterrupted` in the main thread. Called again once Ray is up, as
-    ``ray.init`` installs handlers of its own in the driver."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _on_signal)
-
-
-@contextlib.contextmanager
-def _signals_interrupt():
-    """While the build runs, SIGTERM and SIGINT stop it cleanly; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    _STOP.clear()
-    _catch_signals()
-    try:
-        yield
-    finally:  # _STOP stays set: the build's error handling still needs to know a signal stopped it
-        for sig, previous in old.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-
-
 @dataclass
 class _Run:
     """What the clean-up of a build needs to know, whatever point it reached."""
@@ -231,7 +183,7 @@ def run_build(
     # Ray Data's note that a small input cannot use every fragment task: true, and not the user's concern.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     try:
-        with _signals_interrupt():
+        with signals_interrupt():
             try:
                 validate_settings(cfg)
                 files = resolve_inputs(cfg.input.paths, cfg.input.format)
@@ -257,10 +209,10 @@ def run_build(
                 except Exception as exc:  # noqa: BLE001 - Ray's own errors: connection refused, bad address, ...
                     raise BuildRefused(f"cannot start or join Ray: {type(exc).__name__}: {exc}") from exc
                 configure_ray_data()
-                _catch_signals()
+                catch_signals()
                 num_gpus = grounding_gpus(cfg)
                 check_capacity(cfg, num_gpus)
-                _check_stop()
+                check_stop()
                 env = worker_environment(cfg)
                 # From here until the opening returns, it may touch the output: the driver waits for it on every
                 # way out (_settle_start) before it answers.
@@ -374,13 +326,13 @@ def run_build(
                         collect(0.0)
                         progress.rows_seen(tracker.samples_seen - before, len(tracker.open))
                         lease.check()
-                        _check_stop()
+                        check_stop()
                     launch()
                     while assembler.in_flight:
                         collect(1.0)
                         launch()
                         lease.check()
-                        _check_stop()
+                        check_stop()
                 finally:
                     progress.stop()
             all_stats = st.complete_stats + written
@@ -423,10 +375,10 @@ def run_build(
         message = f"writing to {where} failed: {exc.strerror or exc}; fix the cause and run the same command again"
         return _failed(st, message, t_start, stream)
     except Exception as exc:  # noqa: BLE001 - any failure of the Ray job: report it, keep complete shards
-        if _STOP:  # a signal that surfaced inside a Ray call
-            name = signal.Signals(_STOP["signum"]).name
+        if (signum := stopped_by()) is not None:  # a signal that surfaced inside a Ray call
+            name = signal.Signals(signum).name
             message = f"stopped by {name}; complete shards are kept: run the same command again to resume"
-            code = EXIT_INTERRUPTED.get(_STOP["signum"], EXIT_FAILED)
+            code = EXIT_INTERRUPTED.get(signum, EXIT_FAILED)
             return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
         message = f"the build failed: {_root_cause(exc)}"
         logger.debug("build failed", exc_info=True)
@@ -472,7 +424,7 @@ def _await_start(st: _Run) -> dict[str, Any]:
     import ray
 
     while not ray.wait([st.opening], timeout=0.5)[0]:
-        _check_stop()
+        check_stop()
         if st.lease is not None:
             st.lease.check()
     try:
