@@ -194,8 +194,8 @@ def test_second_build_is_refused_while_the_first_runs_and_sigterm_ends_it_cleanl
     first = _start_slow_build(ray_session, args, log)
     try:
         deadline = time.monotonic() + 240
-        # Started: the output is opened (the manifest written) once the models are in, which on the embedded
-        # local Ray can come after "reading the input"; a SIGTERM before that is a build that did not start.
+        # Started: the preflight passed and the opening wrote the manifest (this build joins a cluster); the
+        # pools start next.
         while not (out / "manifest.json").exists():
             assert first.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the build did not start in time"
