@@ -360,9 +360,7 @@ def run_build(
                 EXIT_OK, "complete", "", len(all_stats), dict(counts), seconds, wall, random_weights=random_weights
             )
     except BuildInterrupted as exc:
-        message = f"stopped by {exc}; complete shards are kept: run the same command again to resume"
-        code = EXIT_INTERRUPTED.get(exc.signum, EXIT_FAILED)
-        return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
+        return _stopped(st, exc.signum, t_start, stream, cfg.output.drain_timeout_s)
     except KeyboardInterrupt:
         message = "interrupted; complete shards are kept: run the same command again to resume"
         return _failed(st, message, t_start, stream, code=EXIT_INTERRUPTED[signal.SIGINT])
@@ -376,10 +374,7 @@ def run_build(
         return _failed(st, message, t_start, stream)
     except Exception as exc:  # noqa: BLE001 - any failure of the Ray job: report it, keep complete shards
         if (signum := stopped_by()) is not None:  # a signal that surfaced inside a Ray call
-            name = signal.Signals(signum).name
-            message = f"stopped by {name}; complete shards are kept: run the same command again to resume"
-            code = EXIT_INTERRUPTED.get(signum, EXIT_FAILED)
-            return _failed(st, message, t_start, stream, code=code, drain=cfg.output.drain_timeout_s)
+            return _stopped(st, signum, t_start, stream, cfg.output.drain_timeout_s)
         message = f"the build failed: {_root_cause(exc)}"
         logger.debug("build failed", exc_info=True)
         return _failed(st, message + "; run the same command again to resume", t_start, stream)
@@ -531,6 +526,14 @@ def _finish(st: _Run) -> None:
     with contextlib.suppress(OSError, ValueError):
         if not st.store.listdir(TMP_ROOT):
             st.store.delete_tree(TMP_ROOT)
+
+
+def _stopped(st: _Run, signum: int, t_start, stream, drain: float):
+    """End a build stopped by a signal: as a failed one, with the signal's exit code."""
+    message = (
+        f"stopped by {signal.Signals(signum).name}; complete shards are kept: run the same command again to resume"
+    )
+    return _failed(st, message, t_start, stream, code=EXIT_INTERRUPTED.get(signum, EXIT_FAILED), drain=drain)
 
 
 def _failed(st: _Run, message, t_start, stream, shards: int = 0, code: int = EXIT_FAILED, drain: float = 0.0):
