@@ -17,6 +17,13 @@ from grit_pipeline.outcome import BuildRefused
 
 logger = logging.getLogger(__name__)
 
+# How long an idle task worker of the embedded local Ray stays alive. Ray's default (1 s, once the node has more
+# workers than CPUs, which the actor pools alone make it have) kills the read, write and assembly tasks' workers
+# between their bursts, and every next burst starts new ones: about a CPU-second and a second or two of wall time
+# each, on the build's critical path at its end. The local Ray lives only for the build, and the idle workers are
+# bounded by the tasks that can run at once, so they are kept.
+IDLE_WORKER_KEEP_MS = 10 * 60 * 1000
+
 
 def stage_cpus(cfg: GritConfig) -> float:
     """Logical CPUs the plan reserves for the whole run: every actor pool, one read task and one writing task."""
@@ -97,6 +104,7 @@ def start_ray(cfg: GritConfig) -> bool:
             num_gpus=None if cfg.ray.num_gpus < 0 else cfg.ray.num_gpus,
             object_store_memory=cfg.ray.object_store_memory or None,
             include_dashboard=False,
+            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
             **common,
         )
         _STARTED_LOCAL["gcs"] = ray.get_runtime_context().gcs_address
