@@ -11,8 +11,10 @@ between Ray workers.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import re
+import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,76 @@ def _spacy_installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+# Pipeline components, and packages a pipeline may require, that run on torch.
+TORCH_COMPONENTS = frozenset({"transformer", "curated_transformer"})
+_TORCH_FREE_REQUIREMENT = re.compile(r"spacy(-lookups-data)?(?![\w.-])", re.IGNORECASE)
+
+
+def _pipeline_meta(name: str) -> dict | None:
+    """``meta.json`` of spaCy pipeline ``name`` (a folder or an installed package), read without importing spaCy;
+    None where there is none to read."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        with open(folder / "meta.json", "rb") as f:
+            meta = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def needs_torch(name: str) -> bool:
+    """Whether spaCy pipeline ``name`` may run on torch: it has a transformer component or requires a package other
+    than spaCy itself (spacy-transformers, spacy-curated-transformers, spacy-llm, ...). True when its meta cannot
+    be read: the safe answer."""
+    meta = _pipeline_meta(name)
+    if meta is None and name in SPACY_REUPLOADS:
+        meta = _pipeline_meta(SPACY_REUPLOADS[name])
+    if meta is None:
+        return True
+    parts = [p for key in ("pipeline", "components") for p in (meta.get(key) or []) if isinstance(p, str)]
+    if TORCH_COMPONENTS.intersection(parts):
+        return True
+    requirements = meta.get("requirements") or []
+    return not all(isinstance(r, str) and _TORCH_FREE_REQUIREMENT.match(r.strip()) for r in requirements)
+
+
+def import_spacy(torch_free: bool):
+    """``import spacy``; with ``torch_free`` (a pipeline that does not run on torch) and neither imported yet in
+    this process, without torch: thinc imports torch whenever it is installed (about 2 CPU-seconds and a few hundred
+    MB per text worker, and a CUDA query on GPU nodes) though a CPU pipeline never calls it. Any later ``import
+    torch`` in the process works as usual."""
+    if not torch_free or "spacy" in sys.modules or "torch" in sys.modules:
+        import spacy
+
+        return spacy
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+    try:
+        import spacy
+
+        return spacy
+    except ImportError:
+        # Something on spaCy's import path insists on torch: forget the partial import and import as usual.
+        for module in [m for m in sys.modules if m.split(".")[0] in ("spacy", "thinc")]:
+            del sys.modules[module]
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    import spacy
+
+    return spacy
 
 
 class SpacyModelMissing(RuntimeError):
@@ -283,7 +355,7 @@ def load_spacy(name: str):
 
     A missing pipeline raises :class:`SpacyModelMissing` with a one-line message that says how to install it.
     """
-    import spacy
+    spacy = import_spacy(torch_free=not needs_torch(name))
 
     try:
         nlp = spacy.load(name)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from grit_pipeline.config import GritConfig, TextConfig
 from grit_pipeline.stages import CaptionStage, to_table
 from grit_pipeline.stages.ray_adapter import StageRunner
-from grit_pipeline.text import SpacyModelMissing, TextStage, load_spacy
+from grit_pipeline.text import SpacyModelMissing, TextStage, load_spacy, needs_torch
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,55 @@ def test_offsets_index_the_normalised_caption(stage):
 def test_missing_model_names_the_install_command():
     with pytest.raises(SpacyModelMissing, match=r"python -m spacy download en_core_web_xx_missing"):
         load_spacy("en_core_web_xx_missing")
+
+
+# Parses the whole analysis the rules read (tokens, tags, lemmas, dependencies, noun chunks) in a fresh process,
+# with torch imported first or not at all, and says whether torch was imported.
+_PARSE = """
+import json, sys
+if sys.argv[2] == "torch-first":
+    import torch
+from grit_pipeline.text import load_spacy
+nlp = load_spacy(sys.argv[1])
+captions = ["A man riding a brown horse on the beach at sunset", "two dogs and a cat near an old red car",
+            "Close-up of a woman's hand holding a cup of coffee"]
+docs = [[(t.text, t.tag_, t.pos_, t.lemma_, t.dep_, t.head.i) for t in d] + [c.text for c in d.noun_chunks]
+        for d in nlp.pipe(captions)]
+print(json.dumps({"torch": sys.modules.get("torch") is not None, "docs": docs}))
+"""
+
+
+def _parse_in_a_new_process(model: str, mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PARSE, model, mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_pipeline_without_torch_components_loads_without_torch_and_parses_the_same(spacy_model_name):
+    assert not needs_torch(spacy_model_name)
+    alone = _parse_in_a_new_process(spacy_model_name, "alone")
+    with_torch = _parse_in_a_new_process(spacy_model_name, "torch-first")
+    assert alone["torch"] is False and with_torch["torch"] is True
+    assert alone["docs"] == with_torch["docs"]
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"pipeline": ["tok2vec", "tagger", "parser"], "requirements": ["spacy>=3.7.5,<3.9.0"]}, False),
+        ({"pipeline": ["tok2vec", "parser"], "requirements": ["spacy-lookups-data>=1.0.3", "spacy>=3.7"]}, False),
+        ({"pipeline": ["transformer", "tagger", "parser"], "requirements": ["spacy>=3.7"]}, True),
+        ({"pipeline": ["parser"], "components": ["curated_transformer"]}, True),
+        ({"pipeline": ["tok2vec", "parser"], "requirements": ["spacy-transformers>=1.3.4,<1.4.0"]}, True),
+        ({"pipeline": ["llm"], "requirements": ["spacy-llm>=0.7"]}, True),
+        ({"pipeline": ["parser"], "requirements": [7]}, True),
+        (None, True),  # no meta.json: torch, to be safe
+        ("{not json", True),
+    ],
+)
+def test_needs_torch_reads_the_pipeline_meta(tmp_path, meta, expected):
+    if meta is not None:
+        (tmp_path / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    assert needs_torch(str(tmp_path)) is expected
 
 
 def test_unused_components_are_disabled(stage):
