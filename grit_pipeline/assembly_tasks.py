@@ -1,15 +1,20 @@
 """The driver's side of shard assembly: one Ray task per whole shard (``writer.assemble_shard``) launched on the
-workers, and their results collected."""
+workers, at most ``cluster.assembly_slots`` at once (the rest wait here, in order), and their results collected."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import time
 from typing import Any
 
+from grit_pipeline.cluster import assembly_slots
 from grit_pipeline.config import GritConfig
 from grit_pipeline.output_store import OutputStore
 from grit_pipeline.shard_tracker import ReadyShard
 from grit_pipeline.writer import ShardWriteError, assemble_shard, shard_name
+
+SLOTS_REFRESH_S = 10.0  # how often a build with shards waiting for a slot looks at the cluster's CPUs again
 
 
 class AssemblyTasks:
@@ -24,8 +29,33 @@ class AssemblyTasks:
         self.remote = ray.remote(**opts)(assemble_shard)
         self.cfg, self.store, self.run, self.paths = cfg, store, run, paths
         self.in_flight: dict[Any, tuple[int, int]] = {}
+        self.queued: collections.deque[tuple[ReadyShard, str]] = collections.deque()
+        self.max_in_flight = 0
+        self._slots_at = -SLOTS_REFRESH_S
+
+    @property
+    def pending(self) -> int:
+        """Shards launched and not finished: being assembled, or queued for a free slot."""
+        return len(self.in_flight) + len(self.queued)
 
     def launch(self, shard: ReadyShard, id_type: str) -> None:
+        self.queued.append((shard, id_type))
+        self._submit()
+
+    def _slots(self) -> int:
+        """``cluster.assembly_slots`` for the cluster as it is now (re-read every few seconds: a cluster may grow)."""
+        if time.monotonic() - self._slots_at >= SLOTS_REFRESH_S:
+            import ray
+
+            self.max_in_flight = assembly_slots(self.cfg, float(ray.cluster_resources().get("CPU", 0.0)))
+            self._slots_at = time.monotonic()
+        return self.max_in_flight
+
+    def _submit(self) -> None:
+        while self.queued and (len(self.in_flight) < self.max_in_flight or len(self.in_flight) < self._slots()):
+            self._start(*self.queued.popleft())
+
+    def _start(self, shard: ReadyShard, id_type: str) -> None:
         ref = self.remote.remote(
             self.store, self.run, shard.file_index, shard.block, self.cfg.output.samples_per_shard, shard.expected,
             shard.fragments, self.paths[shard.file_index], id_type, shard.last_block, shard.file_total,
@@ -38,7 +68,12 @@ class AssemblyTasks:
 
         if not self.in_flight:
             return []
-        done, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout)
+        refs = list(self.in_flight)
+        # With shards queued, a slot that frees up is filled at once; otherwise wait for all (up to timeout).
+        done, rest = ray.wait(refs, num_returns=1 if self.queued else len(refs), timeout=timeout)
+        if done and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            done += more
         out = []
         for ref in done:
             key = self.in_flight.pop(ref)
@@ -53,11 +88,19 @@ class AssemblyTasks:
                     f"({where}). No shard was marked complete by the failed write. Fix the cause (space, "
                     "permissions, credentials) and run the same command again to resume."
                 ) from None
+        self._submit()
         return out
+
+    def drop_queued(self) -> int:
+        """Forget the shards not started yet (a build that stops: they stay incomplete); returns how many."""
+        n = len(self.queued)
+        self.queued.clear()
+        return n
 
     def cancel(self) -> None:
         import ray
 
+        self.queued.clear()
         for ref in list(self.in_flight):
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=False)

@@ -71,6 +71,17 @@ def stage_demand(cfg: GritConfig, auto_gpus: float = 0.0) -> list[StageDemand]:
     return out
 
 
+def assembly_slots(cfg: GritConfig, cluster_cpus: float) -> int:
+    """How many shards may be assembled at once: the writing tasks that fit in the CPUs the actor pools leave free
+    (at least 2). More only queue in Ray, which starts a new worker process for each queued task (about a CPU-second
+    each) although the running ones free up in a fraction of that."""
+    write_cpus = cfg.output.write_resources().num_cpus
+    if write_cpus <= 0:
+        return 1 << 30  # tasks that reserve no CPU: Ray does not bound them, nor does this
+    held = sum(d.cpus for d in stage_demand(cfg) if d.kind == "actor")
+    return max(2, int(max(0.0, cluster_cpus - held) / write_cpus + 1e-9))
+
+
 _STARTED_LOCAL: dict[str, str] = {}  # {"gcs": address} of the local instance start_ray started, while it runs
 
 

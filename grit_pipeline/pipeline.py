@@ -328,7 +328,7 @@ def run_build(
                         lease.check()
                         check_stop()
                     launch()
-                    while assembler.in_flight:
+                    while assembler.pending:
                         collect(1.0)
                         launch()
                         lease.check()
@@ -541,6 +541,7 @@ def _failed(st: _Run, message, t_start, stream, shards: int = 0, code: int = EXI
     says ``incomplete``, this run's temporary files go."""
     _settle_start(st)
     if st.assembler is not None and st.tracker is not None:
+        st.assembler.drop_queued()  # shards not started stay incomplete: only those being assembled may finish
         deadline = time.monotonic() + drain
         with contextlib.suppress(Exception):
             while st.assembler.in_flight and time.monotonic() < deadline:

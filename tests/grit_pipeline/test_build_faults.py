@@ -133,7 +133,7 @@ def test_disk_full_leaves_no_shard_marked_complete_and_a_rerun_completes(
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
-    assert "No space left on device" in output and "run the same command again to resume" in output
+    assert "No space left on device" in output and "run the same command again to resume" in output, output
     done = complete_shards(copy)
     assert 0 < len(done) < REFERENCE_SHARDS
     for name in done:  # every shard marked complete is whole
