@@ -52,7 +52,7 @@ class AssemblyTasks:
         return self.max_in_flight
 
     def _submit(self) -> None:
-        while self.queued and (len(self.in_flight) < self.max_in_flight or len(self.in_flight) < self._slots()):
+        while self.queued and len(self.in_flight) < self._slots():
             self._start(*self.queued.popleft())
 
     def _start(self, shard: ReadyShard, id_type: str) -> None:
@@ -100,7 +100,7 @@ class AssemblyTasks:
     def cancel(self) -> None:
         import ray
 
-        self.queued.clear()
+        self.drop_queued()
         for ref in list(self.in_flight):
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=False)

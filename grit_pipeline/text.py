@@ -89,22 +89,19 @@ def import_spacy(torch_free: bool):
     this process, without torch: thinc imports torch whenever it is installed (about 2 CPU-seconds and a few hundred
     MB per text worker, and a CUDA query on GPU nodes) though a CPU pipeline never calls it. Any later ``import
     torch`` in the process works as usual."""
-    if not torch_free or "spacy" in sys.modules or "torch" in sys.modules:
-        import spacy
+    if torch_free and "spacy" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+        try:
+            import spacy
 
-        return spacy
-    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
-    try:
-        import spacy
-
-        return spacy
-    except ImportError:
-        # Something on spaCy's import path insists on torch: forget the partial import and import as usual.
-        for module in [m for m in sys.modules if m.split(".")[0] in ("spacy", "thinc")]:
-            del sys.modules[module]
-    finally:
-        if "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
+            return spacy
+        except ImportError:
+            # Something on spaCy's import path insists on torch: forget the partial import and import as usual.
+            for module in [m for m in sys.modules if m.split(".")[0] in ("spacy", "thinc")]:
+                del sys.modules[module]
+        finally:
+            if "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
     import spacy
 
     return spacy
