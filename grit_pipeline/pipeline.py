@@ -370,7 +370,9 @@ def run_build(
         return _failed(st, f"{exc}: this build stopped so that two builds never write at once", t_start, stream)
     except OSError as exc:
         where = getattr(exc, "filename", None) or cfg.output.path
-        message = f"writing to {where} failed: {exc.strerror or exc}; fix the cause and run the same command again"
+        message = (
+            f"writing to {where} failed: {exc.strerror or exc}; fix the cause and run the same command again to resume"
+        )
         return _failed(st, message, t_start, stream)
     except Exception as exc:  # noqa: BLE001 - any failure of the Ray job: report it, keep complete shards
         if (signum := stopped_by()) is not None:  # a signal that surfaced inside a Ray call
