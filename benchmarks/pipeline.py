@@ -18,8 +18,8 @@ take about a minute of stage time (a real build runs for hours, where it vanishe
 Each timed part starts on a quiet machine (``settle_s``: the waits after ``ray.init``, after each build, after Ray's
 end): the first build's actor processes take about a CPU-second each to exit, which the 4-sample build would pay.
 Target: ``ratio`` <= 1.10. With every stage sharing the same cores, overlap can make it < 1. The ratio moves with the
-machine, not only with the code: on one 2-core VM, nearly the same code gave a stage sum of 38-39 s and a build of 47-49 s
-on one day (1.20-1.28), and 54-56 s and 55-56 s on another (1.00-1.04). Compare code only in alternating runs.
+machine, not only with the code: on one 2-core VM, nearly the same code gave a stage sum of 38-39 s and a build of
+47-49 s on one day (1.20-1.28), and 54-59 s and 55-56 s on another (0.94-1.04). Compare code only in alternating runs.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _timed_build(cfg):
     return seconds, outcome
 
 
-def run(device: str) -> dict:
+def run(device: str, samples: int = SAMPLES, files: int = FILES) -> dict:
     if device != "cpu":
         raise ValueError("the pipeline benchmark runs on CPU (the GPU machines have no Ray)")
 
@@ -195,7 +195,7 @@ def run(device: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = _make_input(root / "in")
+        paths = _make_input(root / "in", samples=samples, files=files)
         model = save_tiny_grounding_dino(root / "tiny-gdino")
         before = _stages_alone(_config(paths, model, root / "alone"))
 
@@ -221,7 +221,7 @@ def run(device: str) -> dict:
     stage_sum = sum(alone.values())
 
     return {
-        "samples": SAMPLES,
+        "samples": samples,
         "image_size": [WIDTH, HEIGHT],
         "detector": f"tiny Grounding DINO (random weights), shorter side {DETECTOR_SIDE} px, CPU",
         "cpu_count": os.cpu_count(),
@@ -233,13 +233,15 @@ def run(device: str) -> dict:
         "ratio": round(e2e / stage_sum, 3),
         "target_ratio": 1.10,
         "meets_target": e2e / stage_sum <= 1.10,
-        "end_to_end_samples_per_s": round(SAMPLES / e2e, 2),
+        "end_to_end_samples_per_s": round(samples / e2e, 2),
         "ray_init_s": round(ray_init, 3),
         "end_to_end_with_ray_init_s": round(e2e + ray_init, 3),
         "stage_in_pipeline_s": {k: round(v, 3) for k, v in in_run.items()},
         "fixed_cost_s": round(fixed, 3),
         "ratio_without_fixed_cost": round(max(e2e - fixed, 0.0) / stage_sum, 3),
-        "kept": outcome.counts.get("kept"),
+        "kept": outcome.counts.get("kept", 0),
+        "dropped": outcome.counts.get("dropped", 0),
+        "input": outcome.counts.get("input", 0),
         "settle_s": [round(v, 2) for v in settled],  # waits for a quiet machine: after ray.init, each build, Ray's end
         "note": "ray.init is not counted in end_to_end_s (paid once per cluster, not per build); actor start-up "
         "and model loading in the pipeline are. Stage-alone times exclude model loading.",
